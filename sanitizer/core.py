@@ -1,0 +1,230 @@
+"""The Sanitizer: schedule, rounds, cumulative drops, history, checkpoint state and loader wrapping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sanitizer.embeddings import gradient_embeddings
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
+from sanitizer.policies import Policy, make_policy
+from sanitizer.progress import log
+from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
+
+STATE_VERSION = 1
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Labels of every example: from ``.labels`` / ``.targets`` when present, else by indexing."""
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            labels = getattr(dataset, attr)
+            return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples")
+        out.append(int(item[1]))
+    return np.asarray(out, dtype=np.int64)
+
+
+class Sanitizer:
+    """Drops isolated examples from a training set on a schedule while the model trains.
+
+    Rounds run at the start of epochs ``warmup, warmup + every, ...`` (up to ``stop_epoch``). Each
+    round embeds the examples still kept, asks the policy which to drop and, by default, drops them
+    for the rest of training (``cumulative=True``).
+
+    Example (a plain training loop; one added call per epoch)::
+
+        sanitizer = Sanitizer(model, train_set, embed_dataset=train_set_without_augmentation,
+                              warmup=5, every=5)
+        loader = sanitizer.wrap(DataLoader(train_set, batch_size=128, shuffle=True))
+        for epoch in range(epochs):
+            sanitizer.start_epoch(epoch)          # the one added call
+            for x, y in loader:
+                ...
+        print(sanitizer.dropped)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        policy: str | Policy = "density",
+        policy_options: dict[str, Any] | None = None,
+        embedding: str | None = None,
+        warmup: int = 10,
+        every: int = 5,
+        stop_epoch: int | None = None,
+        cumulative: bool = True,
+        embed_dataset: Dataset | None = None,
+        batch_size: int = 512,
+        device: str | torch.device | None = None,
+        last_layer: nn.Linear | None = None,
+        max_dim: int = 2048,
+        num_classes: int | None = None,
+        seed: int = 0,
+        keep_embeddings: bool = False,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if warmup < 0 or every < 1:
+            raise SanitizerError("warmup must be >= 0 and every >= 1")
+        self.model = model
+        self.dataset = dataset
+        self.embed_dataset = embed_dataset if embed_dataset is not None else dataset
+        self.size = check_map_dataset(dataset)
+        if check_map_dataset(self.embed_dataset) != self.size:
+            raise SanitizerError(f"embed_dataset has {len(self.embed_dataset)} examples but the training "
+                                 f"dataset has {self.size}; they must be the same examples in the same order")
+        self.labels = check_labels(dataset_labels(self.embed_dataset), num_classes)
+        self.num_classes = num_classes or int(self.labels.max()) + 1
+        self.policy = make_policy(policy, **(policy_options or {}))
+        self.embedding = embedding or self.policy.embedding_kind or "last_layer"
+        self.warmup, self.every, self.stop_epoch, self.cumulative = warmup, every, stop_epoch, cumulative
+        self.batch_size, self.device, self.last_layer, self.max_dim = batch_size, device, last_layer, max_dim
+        self.seed = seed
+        self.keep_embeddings = keep_embeddings
+        self.gather = gather
+        self.verbose = verbose
+        self.keep = np.ones(self.size, dtype=bool)
+        self.history: list[dict[str, Any]] = []
+        self.last_scores: np.ndarray | None = None
+        self.last_embeddings: np.ndarray | None = None
+        self.epoch = -1
+        self._samplers: list[KeepSampler] = []
+
+    # -- what is kept ---------------------------------------------------------------------------
+    @property
+    def dropped(self) -> np.ndarray:
+        """Sorted original indices of every dropped example."""
+        return np.flatnonzero(~self.keep)
+
+    def keep_mask(self) -> np.ndarray:
+        self._check_size()
+        return self.keep
+
+    def _check_size(self) -> None:
+        if len(self.dataset) != self.size:
+            raise SanitizerError(f"the dataset changed length from {self.size} to {len(self.dataset)} during "
+                                 "training; the sanitizer tracks examples by index, so the dataset must not change")
+
+    # -- schedule -------------------------------------------------------------------------------
+    def is_round_epoch(self, epoch: int) -> bool:
+        if epoch < self.warmup or (self.stop_epoch is not None and epoch > self.stop_epoch):
+            return False
+        return (epoch - self.warmup) % self.every == 0
+
+    def start_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """Call at the start of every epoch: runs a round if one is due, then reseeds the samplers."""
+        record = None
+        if self.is_round_epoch(epoch) and not any(r["epoch"] == epoch for r in self.history):
+            record = self.run_round(epoch)
+        self.epoch = epoch
+        for sampler in self._samplers:
+            sampler.set_epoch(epoch)
+        return record
+
+    # -- one round ------------------------------------------------------------------------------
+    def run_round(self, epoch: int) -> dict[str, Any]:
+        """Embed the candidates, apply the policy, update the keep mask and record the round."""
+        self._check_size()
+        candidates = np.flatnonzero(self.keep) if self.cumulative else np.arange(self.size)
+        t0 = time.perf_counter()
+        emb = self._embed(candidates)
+        t1 = time.perf_counter()
+        selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
+                                       seed=self.seed * 1_000_003 + epoch)
+        t2 = time.perf_counter()
+        dropped_now = candidates[~selection.keep]
+        if self.cumulative:
+            self.keep[dropped_now] = False
+        else:
+            self.keep[:] = True
+            self.keep[dropped_now] = False
+        self.last_scores = np.full(self.size, np.nan)
+        self.last_scores[candidates] = selection.scores
+        if self.keep_embeddings:
+            self.last_embeddings = np.full((self.size, emb.shape[1]), np.nan, dtype=np.float32)
+            self.last_embeddings[candidates] = emb.numpy()
+        record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
+        self.history.append(record)
+        if self.verbose:
+            log(f"[sanitizer] epoch {epoch}: dropped {len(dropped_now)} now, {len(self.dropped)} in total "
+                f"(embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
+        return record
+
+    def _embed(self, candidates: np.ndarray) -> torch.Tensor:
+        emb = gradient_embeddings(self.model, self.embed_dataset, kind=self.embedding, batch_size=self.batch_size,
+                                  device=self.device, last_layer=self.last_layer, max_dim=self.max_dim,
+                                  seed=self.seed, indices=candidates, num_classes=self.num_classes)
+        return self.gather(emb) if self.gather is not None else emb
+
+    def _record(self, epoch, candidates, dropped_now, scores, t_embed, t_select) -> dict[str, Any]:
+        labels = self.labels[candidates]
+        per_class = {}
+        for c in range(self.num_classes):
+            in_c = labels == c
+            s = scores[in_c]
+            per_class[str(c)] = {
+                "candidates": int(in_c.sum()),
+                "dropped_now": int(np.isin(candidates[in_c], dropped_now).sum()),
+                "kept": int((self.keep & (self.labels == c)).sum()),
+                "score_median": float(np.median(s)) if len(s) else None,
+                "score_p95": float(np.percentile(s, 95)) if len(s) else None,
+                "score_max": float(s.max()) if len(s) else None,
+            }
+        return {
+            "round": len(self.history), "epoch": int(epoch), "policy": self.policy.name,
+            "embedding": self.embedding, "candidates": int(len(candidates)),
+            "dropped_now": [int(i) for i in dropped_now], "dropped_total": int((~self.keep).sum()),
+            "per_class": per_class, "seconds_embed": round(t_embed, 4), "seconds_select": round(t_select, 4),
+        }
+
+    # -- loaders --------------------------------------------------------------------------------
+    def sampler(self, shuffle: bool = True, seed: int | None = None, num_replicas: int = 1, rank: int = 0,
+                drop_last: bool = False) -> KeepSampler:
+        """A sampler over the kept indices that follows this sanitizer's rounds and epochs."""
+        s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last)
+        s.set_epoch(max(self.epoch, 0))
+        self._samplers.append(s)
+        return s
+
+    def wrap(self, loader: DataLoader) -> DataLoader:
+        """A DataLoader like ``loader`` (same dataset, batch size, workers, collate, ...) over kept indices."""
+        if loader.dataset is not self.dataset and len(loader.dataset) != self.size:
+            raise SanitizerError(f"the loader's dataset has {len(loader.dataset)} examples but the sanitizer "
+                                 f"was built on {self.size}")
+        layout = sampler_layout(loader)
+        sampler = self.sampler(**layout)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **loader_settings(loader))
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the keep mask, the history and the epoch (tensors and plain types)."""
+        return {"version": STATE_VERSION, "size": self.size, "keep": torch.from_numpy(self.keep.copy()),
+                "history": [dict(r) for r in self.history], "epoch": self.epoch, "seed": self.seed,
+                "policy": self.policy.name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise SanitizerError(f"unsupported sanitizer state version {state.get('version')}")
+        if int(state["size"]) != self.size:
+            raise SanitizerError(f"the checkpoint was taken on a dataset of {state['size']} examples, "
+                                 f"this one has {self.size}")
+        keep = state["keep"]
+        self.keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep, dtype=bool).copy()
+        self.history = [dict(r) for r in state["history"]]
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        for sampler in self._samplers:
+            sampler.set_epoch(max(self.epoch, 0))

@@ -1,0 +1,116 @@
+"""The policy interface: embeddings + labels in, a keep mask and per-example scores out."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sanitizer.errors import SanitizerError, check_embeddings, check_labels
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+@dataclass
+class Selection:
+    """What a policy decided: ``keep`` (bool [N]), ``scores`` (float [N], higher = more suspicious)."""
+
+    keep: np.ndarray
+    scores: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> np.ndarray:
+        return np.flatnonzero(~self.keep)
+
+
+class Policy(ABC):
+    """Base class. Subclasses implement :meth:`select_class` or override :meth:`select`.
+
+    ``embedding_kind`` names the embedding the policy was designed for (``None``: whatever the
+    sanitizer computes); ``min_class_size`` classes smaller than this are kept untouched.
+    """
+
+    name: str = ""
+    embedding_kind: str | None = None
+    min_class_size: int = 3
+
+    def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
+        x = check_embeddings(embeddings, len(labels))
+        y = check_labels(labels, num_classes)
+        keep = np.ones(len(y), dtype=bool)
+        scores = np.zeros(len(y), dtype=np.float64)
+        info: dict[str, Any] = {"per_class": {}, "skipped_classes": []}
+        for c in np.unique(y):
+            members = np.flatnonzero(y == c)
+            if len(members) < self.min_class_size:
+                info["skipped_classes"].append(int(c))
+                continue
+            drop_c, score_c, info_c = self.select_class(x[members], int(c), seed)
+            keep[members[drop_c]] = False
+            scores[members] = score_c
+            info["per_class"][int(c)] = info_c
+        if info["skipped_classes"]:
+            warnings.warn(f"classes {info['skipped_classes']} have fewer than {self.min_class_size} examples; "
+                          f"the {self.name!r} policy keeps them all", stacklevel=2)
+        return Selection(keep, scores, info)
+
+    def select_class(self, x: np.ndarray, label: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Return (positions to drop within the class, scores, info) for one class."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def register_policy(name: str):
+    """Class decorator: make a policy available to :func:`make_policy` under ``name``."""
+
+    def wrap(cls: type[Policy]) -> type[Policy]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(policy: str | Policy, **options) -> Policy:
+    """A policy instance from a name such as ``"density"``, ``"epic"``, ``"epic-0.2"`` or ``"random"``."""
+    if isinstance(policy, Policy):
+        if options:
+            raise SanitizerError("options given together with a policy instance; configure the instance instead")
+        return policy
+    name = policy
+    if name.startswith("epic-"):  # "epic-0.2" is EPIC with subset fraction 0.2, as in the paper
+        name, options = "epic", {"fraction": float(policy.split("-", 1)[1]), **options}
+    if name not in _REGISTRY:
+        raise SanitizerError(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise SanitizerError(f"bad options for policy {name!r}: {exc}") from exc
+
+
+def select(embeddings: torch.Tensor | np.ndarray, labels, policy: str | Policy = "density",
+           num_classes: int | None = None, seed: int = 0, **options) -> Selection:
+    """Functional entry point: decide which examples to keep.
+
+    Example:
+        >>> sel = select(torch.randn(200, 8), torch.arange(200) % 2, policy="density")
+        >>> sel.keep.shape, sel.scores.shape
+        ((200,), (200,))
+    """
+    return make_policy(policy, **options).select(embeddings, labels, num_classes=num_classes, seed=seed)
+
+
+def cap_count(n: int, fraction: float) -> int:
+    return int(math.floor(fraction * n + 1e-9))

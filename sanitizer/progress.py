@@ -1,0 +1,20 @@
+"""Progress bars and log lines that stay quiet when output is not a terminal or when asked."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress(iterable=None, **kwargs):
+    """``tqdm`` with the package's defaults; disable with SANITIZER_PROGRESS=0."""
+    kwargs.setdefault("disable", os.environ.get("SANITIZER_PROGRESS", "1") == "0")
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

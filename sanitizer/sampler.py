@@ -1,0 +1,105 @@
+"""A sampler over the kept indices of a dataset, and the DataLoader wrapper that installs it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from sanitizer.errors import SanitizerError, check_map_dataset
+
+
+class KeepSampler(Sampler[int]):
+    """Yields the indices where ``keep_mask()`` is True, shuffled with ``(seed, epoch)``.
+
+    Rank-aware like ``DistributedSampler``: with ``num_replicas > 1`` the kept indices are padded
+    (by repeating from the start) to a multiple of ``num_replicas`` so every rank gets the same
+    number of examples, then rank ``r`` takes every ``num_replicas``-th index starting at ``r``.
+
+    Example:
+        >>> mask = np.array([True, False, True, True])
+        >>> sorted(KeepSampler(lambda: mask, shuffle=False))
+        [0, 2, 3]
+    """
+
+    def __init__(self, keep_mask: Callable[[], np.ndarray], shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> None:
+        if not 0 <= rank < num_replicas:
+            raise SanitizerError(f"rank {rank} is out of range for {num_replicas} replicas")
+        self.keep_mask = keep_mask
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_indices(self) -> np.ndarray:
+        kept = np.flatnonzero(self.keep_mask())
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            kept = kept[torch.randperm(len(kept), generator=gen).numpy()]
+        if self.num_replicas > 1:
+            if self.drop_last:
+                kept = kept[: len(kept) - len(kept) % self.num_replicas]
+            elif len(kept) % self.num_replicas:
+                pad = self.num_replicas - len(kept) % self.num_replicas
+                kept = np.concatenate([kept, np.resize(kept, pad)])
+        return kept
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._all_indices()[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        n = int(self.keep_mask().sum())
+        if self.num_replicas == 1:
+            return n
+        if self.drop_last:
+            return n // self.num_replicas
+        return -(-n // self.num_replicas)
+
+
+_COPIED = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+           "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers", "pin_memory_device")
+
+
+def loader_settings(loader: DataLoader) -> dict:
+    """The settings of ``loader`` that a replacement loader must keep."""
+    settings = {name: getattr(loader, name) for name in _COPIED if hasattr(loader, name)}
+    if settings.get("num_workers", 0) == 0:
+        settings.pop("prefetch_factor", None)
+        settings["persistent_workers"] = False
+    if not settings.get("pin_memory_device"):
+        settings.pop("pin_memory_device", None)
+    return settings
+
+
+def sampler_layout(loader: DataLoader) -> dict:
+    """How the user's loader samples: shuffle, and the DDP layout when it has a DistributedSampler."""
+    check_map_dataset(loader.dataset)
+    if loader.batch_size is None:
+        raise SanitizerError(
+            "the loader uses a custom batch_sampler (batch_size is None); Sanitizer.wrap supports loaders "
+            "built with batch_size and an ordinary sampler. Build the loader with batch_size=..., or use "
+            "Sanitizer.sampler() inside your own batch sampler."
+        )
+    sampler = loader.sampler
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement or sampler._num_samples is not None:
+            raise SanitizerError("RandomSampler with replacement or num_samples is not supported by wrap()")
+        return {"shuffle": True}
+    if isinstance(sampler, SequentialSampler):
+        return {"shuffle": False}
+    if isinstance(sampler, DistributedSampler):
+        return {"shuffle": sampler.shuffle, "num_replicas": sampler.num_replicas, "rank": sampler.rank,
+                "drop_last": sampler.drop_last, "seed": sampler.seed}
+    raise SanitizerError(
+        f"the loader uses a custom sampler ({type(sampler).__name__}); wrap() supports shuffle=True/False "
+        "and DistributedSampler. Use Sanitizer.sampler() to get the keep-mask sampler and compose it yourself."
+    )
