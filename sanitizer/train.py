@@ -1,0 +1,135 @@
+"""A small, deterministic training loop for the demo, the attacks' surrogates and the benchmarks.
+
+Users bring their own loops; this one exists so that every experiment in the package trains the
+same way (SGD + Nesterov, step decays, batched flip/crop augmentation) and can host a sanitizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sanitizer.augment import flip_crop
+from sanitizer.data.tensors import ImageTensorDataset
+from sanitizer.embeddings import model_device
+from sanitizer.errors import SanitizerError
+from sanitizer.progress import progress
+
+
+@dataclass
+class TrainConfig:
+    """Recipe of a training run. ``milestones`` are fractions of ``epochs`` where lr drops ×0.1."""
+
+    epochs: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    augment: bool = True
+    crop_padding: int = 4
+    milestones: tuple[float, ...] = (0.375, 0.625, 0.875)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    seconds: float
+    epoch_seconds: list[float] = field(default_factory=list)
+    final_loss: float = float("nan")
+
+
+def train_classifier(
+    model: nn.Module,
+    train_set: ImageTensorDataset,
+    config: TrainConfig,
+    sanitizer=None,
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``train_set`` (images in [0, 1]), optionally under a sanitizer.
+
+    With a sanitizer, ``sanitizer.start_epoch(epoch)`` runs before every epoch and only kept
+    indices are visited. ``start_epoch`` > 0 resumes a run (the optimizer state is rebuilt from the
+    schedule, so resume from a prefix only with this same function and a saved optimizer state).
+    """
+    device = model_device(model)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    milestones = [int(round(m * config.epochs)) for m in config.milestones]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    return continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch,
+                             config.epochs, on_epoch_end, desc, device)
+
+
+def continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch, end_epoch,
+                      on_epoch_end=None, desc="train", device=None) -> TrainResult:
+    """Run epochs ``[start_epoch, end_epoch)`` with a given optimizer and scheduler (for branching runs)."""
+    device = device or model_device(model)
+    gen = torch.Generator().manual_seed(config.seed)
+    result = TrainResult(0.0)
+    sampler = sanitizer.sampler(shuffle=True, seed=config.seed) if sanitizer is not None else None
+    t_start = time.perf_counter()
+    bar = progress(range(start_epoch, end_epoch), desc=desc)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if sanitizer is not None:
+            sanitizer.start_epoch(epoch)
+            order = torch.as_tensor(list(sampler), dtype=torch.long)
+        else:
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+        gen.manual_seed(config.seed * 104_729 + epoch)
+        model.train()
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            x = train_set.images[idx]
+            y = train_set.labels[idx]
+            if config.augment:
+                x = flip_crop(x, config.crop_padding, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise SanitizerError(f"the training loss became {loss.item()} at epoch {epoch}; "
+                                     "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        scheduler.step()
+        result.epoch_seconds.append(time.perf_counter() - t0)
+        result.final_loss = float(np.mean(losses)) if losses else float("nan")
+        bar.set_postfix(loss=f"{result.final_loss:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Softmax probabilities ``[N, C]`` in eval mode (the model's modes are restored)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = [torch.softmax(model(images[i:i + batch_size].to(device)), 1).cpu()
+           for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, dataset: ImageTensorDataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset``."""
+    probs = predict_proba(model, dataset.images, batch_size)
+    return float((probs.argmax(1) == dataset.labels).float().mean())
