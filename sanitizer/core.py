@@ -75,6 +75,7 @@ class Sanitizer:
         seed: int = 0,
         keep_embeddings: bool = False,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        round_hooks: list[Callable[..., dict[str, Any] | None]] | None = None,
         verbose: bool = False,
     ) -> None:
         if warmup < 0 or every < 1:
@@ -95,6 +96,10 @@ class Sanitizer:
         self.seed = seed
         self.keep_embeddings = keep_embeddings
         self.gather = gather
+        # Called as hook(sanitizer, epoch, candidates, embeddings, selection) after each round's
+        # decision; a returned dict is stored in the round's record under "extras" (e.g. the
+        # certificate's per-round gradient statistics). Hooks must not change the keep mask.
+        self.round_hooks = list(round_hooks or [])
         self.verbose = verbose
         self.keep = np.ones(self.size, dtype=bool)
         self.history: list[dict[str, Any]] = []
@@ -157,6 +162,10 @@ class Sanitizer:
             self.last_embeddings = np.full((self.size, emb.shape[1]), np.nan, dtype=np.float32)
             self.last_embeddings[candidates] = emb.numpy()
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
+        for hook in self.round_hooks:
+            extra = hook(self, epoch, candidates, emb, selection)
+            if extra:
+                record.setdefault("extras", {}).update(extra)
         self.history.append(record)
         if self.verbose:
             log(f"[sanitizer] epoch {epoch}: dropped {len(dropped_now)} now, {len(self.dropped)} in total "
@@ -207,6 +216,14 @@ class Sanitizer:
         layout = sampler_layout(loader)
         sampler = self.sampler(**layout)
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **loader_settings(loader))
+
+    # -- certificate ----------------------------------------------------------------------------
+    def certificate(self, path: str | None = None, **options: Any) -> dict[str, Any]:
+        """The certificate of this run (audit, bound, optional robustness and partition sections) as a
+        dict, written to ``path`` as JSON when given; see :func:`sanitizer.certificate.build_certificate`."""
+        from sanitizer.certificate import build_certificate
+
+        return build_certificate(self, path=path, **options)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
