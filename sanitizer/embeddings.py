@@ -48,7 +48,7 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> nn.Linear:
             h.remove()
     out = _logits_of(out)
     for module, produced in reversed(calls):
-        if produced.shape == out.shape and torch.equal(produced, out):
+        if produced is out or (produced.shape == out.shape and torch.equal(produced, out)):
             return module
     raise SanitizerError(
         "could not find a final nn.Linear that produces the model's logits"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ class Selection:
         return np.flatnonzero(~self.keep)
 
 
-class Policy(ABC):
+class Policy:
     """Base class. Subclasses implement :meth:`select_class` or override :meth:`select`.
 
     ``embedding_kind`` names the embedding the policy was designed for (``None``: whatever the

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import IterableDataset, TensorDataset
+
+from sanitizer import find_last_linear, gradient_embeddings
+from sanitizer.data import ImageTensorDataset
+from sanitizer.errors import SanitizerError
+from sanitizer.models import CompactCNN
+from sanitizer.sketch import CountSketch, KroneckerSketch
+
+
+def small_mlp(d_in=12, hidden=7, classes=4):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+def autograd_last_layer(model, x, y):
+    last = model[-1]
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([last.weight.grad, last.bias.grad[:, None]], 1).reshape(-1).clone())
+    return torch.stack(rows)
+
+
+def test_last_layer_equals_per_example_autograd_float64():
+    model = small_mlp().double()
+    x = torch.randn(20, 12, dtype=torch.float64)
+    y = torch.randint(0, 4, (20,))
+    emb = gradient_embeddings(model, TensorDataset(x, y), kind="last_layer", batch_size=6, dtype=torch.float64)
+    torch.testing.assert_close(emb, autograd_last_layer(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_logits_embedding_is_softmax_minus_onehot():
+    model = small_mlp()
+    x, y = torch.randn(9, 12), torch.randint(0, 4, (9,))
+    emb = gradient_embeddings(model, TensorDataset(x, y), kind="logits")
+    expected = torch.softmax(model(x), 1) - F.one_hot(y, 4)
+    torch.testing.assert_close(emb, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_params_kind_matches_autograd_when_not_sketched():
+    model = small_mlp().double()
+    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 4, (5,))
+    names = ["3.weight", "3.bias"]
+    emb = gradient_embeddings(model, TensorDataset(x, y), kind="params", params=names, max_dim=10_000,
+                              dtype=torch.float64)
+    expected = []
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        expected.append(torch.cat([model[3].weight.grad.reshape(-1), model[3].bias.grad]))
+    torch.testing.assert_close(emb, torch.stack(expected), rtol=1e-8, atol=1e-10)
+
+
+def test_sketched_last_layer_preserves_distances():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 300), nn.ReLU(), nn.Linear(300, 10))
+    x, y = torch.randn(80, 32), torch.randint(0, 10, (80,))
+    ds = TensorDataset(x, y)
+    exact = gradient_embeddings(model, ds, max_dim=10**6)
+    sketched = gradient_embeddings(model, ds, max_dim=2048, seed=3)
+    assert exact.shape[1] == 10 * 301 and sketched.shape[1] <= 2048
+    d_exact = torch.pdist(exact.double())
+    d_sketch = torch.pdist(sketched.double())
+    rel = (d_sketch / d_exact - 1).abs()
+    # Stated tolerance: median relative distance error < 5%, 99th percentile < 15% at 2048 dims.
+    assert rel.median() < 0.05
+    assert torch.quantile(rel, 0.99) < 0.15
+    # Seeded: the same seed gives the same sketch, another seed a different one.
+    torch.testing.assert_close(sketched, gradient_embeddings(model, ds, max_dim=2048, seed=3))
+    assert not torch.allclose(sketched, gradient_embeddings(model, ds, max_dim=2048, seed=4))
+
+
+def test_kronecker_sketch_is_the_projection_of_the_outer_product():
+    sk = KroneckerSketch(num_classes=50, feature_dim=40, out_dim=256, seed=0, dtype=torch.float64)
+    e, h = torch.randn(3, 50, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    assert sk.class_proj is not None  # 50 classes: both factors projected
+    full = torch.kron(sk.class_proj, sk.feature_proj)
+    outer = (e[:, :, None] * h[:, None, :]).reshape(3, -1)
+    torch.testing.assert_close(sk(e, h), outer @ full.T)
+
+
+def test_count_sketch_norm_error_shrinks_with_dimension():
+    x = torch.randn(200, 5000, dtype=torch.float64)
+    errors = []
+    for m in (64, 1024):
+        s = CountSketch(5000, m, seed=0)(x)
+        errors.append(((s.norm(dim=1) / x.norm(dim=1)) - 1).abs().mean().item())
+    assert errors[1] < errors[0] / 2
+    assert errors[1] < 0.05
+
+
+def test_eval_mode_during_embedding_and_modes_restored():
+    model = CompactCNN(1, 3, width=4)
+    model.train()
+    model.features[0][1].eval()  # a submodule in its own mode must stay so
+    seen = []
+    model.classifier.register_forward_pre_hook(lambda m, i: seen.append(model.training))
+    ds = ImageTensorDataset(torch.rand(10, 1, 8, 8), torch.arange(10) % 3)
+    gradient_embeddings(model, ds)
+    assert seen and not any(seen)
+    assert model.training and not model.features[0][1].training
+
+
+def test_dataset_with_extra_fields_and_indices_subset():
+    model = small_mlp()
+    x, y = torch.randn(10, 12), torch.randint(0, 4, (10,))
+    extra = TensorDataset(x, y, torch.arange(10))
+    full = gradient_embeddings(model, extra, kind="logits")
+    sub = gradient_embeddings(model, extra, kind="logits", indices=[7, 2])
+    torch.testing.assert_close(sub, full[[7, 2]])
+
+
+def test_find_last_linear_and_error_without_one():
+    model = small_mlp()
+    assert find_last_linear(model, torch.randn(2, 12)) is model[-1]
+    conv_only = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ds = TensorDataset(torch.randn(4, 1, 5, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(SanitizerError, match="nn.Linear"):
+        gradient_embeddings(conv_only, ds)
+    # logits still work: they do not need the last layer
+    assert gradient_embeddings(conv_only, ds, kind="logits").shape == (4, 3)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = small_mlp()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(12), 0
+
+    with pytest.raises(SanitizerError, match="IterableDataset"):
+        gradient_embeddings(model, Stream())
+    with pytest.raises(SanitizerError, match="out of range"):
+        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.tensor([0, 1, 9])))
+    with pytest.raises(SanitizerError, match="unknown embedding kind"):
+        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.zeros(3, dtype=torch.long)), kind="x")
+    with pytest.raises(SanitizerError, match="NaN"):
+        gradient_embeddings(model, TensorDataset(torch.full((3, 12), float("nan")), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(SanitizerError, match="device"):
+        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.zeros(3, dtype=torch.long)),
+                            device="cuda")
+
+
+def test_embeddings_are_finite_numpy_compatible():
+    model = CompactCNN(1, 10, width=4)
+    ds = ImageTensorDataset(torch.rand(16, 1, 8, 8), torch.arange(16) % 10)
+    emb = gradient_embeddings(model, ds, max_dim=64)
+    assert emb.shape[0] == 16 and emb.shape[1] <= 64
+    assert np.isfinite(emb.numpy()).all()

@@ -1,0 +1,149 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sanitizer import make_policy, select
+from sanitizer.density import class_isolation, knn, robust_zscore
+from sanitizer.errors import SanitizerError
+from sanitizer.policies.epic import facility_location_medoids
+
+
+def blobs_with_outliers(n_per_class=300, dim=8, outliers=5, seed=0):
+    rng = np.random.default_rng(seed)
+    xs, ys, planted = [], [], []
+    for c in range(3):
+        center = rng.normal(0, 10, dim)
+        xs.append(center + rng.normal(0, 1, (n_per_class, dim)))
+        ys.append(np.full(n_per_class, c))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    for c in range(3):
+        idx = rng.choice(np.flatnonzero(y == c), outliers, replace=False)
+        x[idx] += rng.normal(0, 1, (outliers, dim)) * 0 + rng.choice([-1, 1], (outliers, dim)) * 6
+        planted.extend(idx)
+    return x.astype(np.float32), y, np.sort(planted)
+
+
+def test_knn_matches_brute_force_and_excludes_self():
+    x = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    dist, idx = knn(x, 7, backend="faiss")
+    full = np.linalg.norm(x[:, None] - x[None], axis=2)
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_allclose(dist, np.sort(full, 1)[:, :7], rtol=1e-4, atol=1e-4)
+    assert not (idx == np.arange(200)[:, None]).any()
+    dist_t, _ = knn(x, 7, backend="torch")
+    np.testing.assert_allclose(dist_t, dist, rtol=1e-3, atol=1e-3)
+
+
+def test_ivf_path_is_close_to_exact():
+    x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
+    exact, _ = knn(x, 10, backend="faiss")
+    approx, _ = knn(x, 10, backend="faiss", ivf_threshold=1000, nprobe=32)
+    # Approximate search can only overestimate distances; the mean relative error must be small.
+    assert (approx >= exact - 1e-4).all()
+    assert np.mean(approx.mean(1) / exact.mean(1) - 1) < 0.02
+
+
+def test_density_finds_planted_isolated_points():
+    x, y, planted = blobs_with_outliers()
+    sel = select(x, y, policy="density")
+    dropped = np.flatnonzero(~sel.keep)
+    assert set(planted) <= set(dropped)
+    assert len(dropped) <= len(planted) + 3  # few false positives
+    # The planted points carry the highest scores of their class.
+    assert np.all(sel.scores[planted] > np.percentile(sel.scores, 95))
+
+
+def test_density_cap_limits_drops_per_class():
+    x, y, planted = blobs_with_outliers(outliers=30)
+    sel = select(x, y, policy="density", max_fraction=0.02, threshold=1.0)
+    for c in range(3):
+        assert (~sel.keep[y == c]).sum() <= math.floor(0.02 * (y == c).sum())
+
+
+def test_duplicates_count_once():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    x[:10] = 20.0  # ten identical far-away copies: they must not vouch for each other
+    with pytest.warns(UserWarning, match="duplicate"):
+        iso = class_isolation(x, k=5)
+    assert np.all(iso[:10] > np.percentile(iso[10:], 99))
+    assert len(set(iso[:10])) == 1
+
+
+def test_robust_zscore_handles_constant_input():
+    assert np.all(robust_zscore(np.ones(10)) == 0)
+
+
+def test_small_classes_are_kept_with_a_warning():
+    x = np.random.default_rng(0).normal(size=(52, 3)).astype(np.float32)
+    y = np.zeros(52, dtype=int)
+    y[-2:] = 1  # class 1 has two examples
+    with pytest.warns(UserWarning, match="fewer than"):
+        sel = select(x, y, policy="density")
+    assert sel.keep[-2:].all()
+    # a class smaller than k+1 uses k = n_c - 1 instead of failing
+    y[-5:] = 1
+    sel = select(x, y, policy="density", k=10)
+    assert sel.scores.shape == (52,)
+
+
+def test_bad_inputs():
+    x = np.zeros((4, 2), dtype=np.float32)
+    with pytest.raises(SanitizerError, match="out of range"):
+        select(x, [0, 1, 2, 5], num_classes=3)
+    with pytest.raises(SanitizerError, match="NaN"):
+        select(np.array([[np.nan, 0]] * 4, dtype=np.float32), [0, 0, 1, 1])
+    with pytest.raises(SanitizerError, match="match"):
+        select(x, [0, 1])
+    with pytest.raises(SanitizerError, match="unknown policy"):
+        select(x, [0, 0, 1, 1], policy="nope")
+    with pytest.raises(SanitizerError, match="shape"):
+        select(np.zeros(4), [0, 0, 1, 1])
+
+
+def brute_force_greedy(x, budget):
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    s = np.exp(-d / x.shape[1])
+    covered, chosen = np.zeros(len(x)), []
+    for _ in range(budget):
+        gains = np.maximum(s - covered[:, None], 0).sum(0)
+        gains[chosen] = -1
+        j = int(np.argmax(gains))
+        chosen.append(j)
+        covered = np.maximum(covered, s[:, j])
+    owner = np.argmax(s[:, chosen], axis=1)
+    return np.array(chosen), owner
+
+
+def test_lazy_facility_location_equals_dense_greedy():
+    x = np.random.default_rng(3).normal(size=(150, 4))
+    medoids, owner = facility_location_medoids(x, 20, block=32)
+    ref_medoids, ref_owner = brute_force_greedy(x, 20)
+    np.testing.assert_array_equal(medoids, ref_medoids)
+    np.testing.assert_array_equal(owner, ref_owner)
+
+
+def test_epic_drops_singleton_medoids():
+    x, y, planted = blobs_with_outliers(outliers=3)
+    sel = select(x, y, policy="epic-0.1")
+    dropped = set(np.flatnonzero(~sel.keep))
+    assert set(planted) <= dropped
+    policy = make_policy("epic", fraction=0.2)
+    assert policy.fraction == 0.2 and policy.embedding_kind == "logits"
+
+
+def test_random_and_none():
+    x = torch.zeros(100, 2)
+    y = torch.zeros(100, dtype=torch.long)
+    assert select(x, y, policy="none").keep.all()
+    a = select(x, y, policy="random", count=7, seed=1)
+    b = select(x, y, policy="random", count=7, seed=1)
+    assert (~a.keep).sum() == 7
+    np.testing.assert_array_equal(a.keep, b.keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SanitizerError):
+            select(x, y, policy="random", nonsense=1)

@@ -1,0 +1,178 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, WeightedRandomSampler
+
+from sanitizer import Sanitizer
+from sanitizer.data import ImageTensorDataset
+from sanitizer.errors import SanitizerError
+from sanitizer.models import CompactCNN
+from sanitizer.sampler import KeepSampler
+from sanitizer.train import TrainConfig, train_classifier
+
+
+def planted_dataset(n=240, seed=0):
+    """Two-class images; six examples of class 0 look like class 1 (isolated in their class)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.rand(n, 1, 8, 8, generator=gen) * 0.3
+    x[y == 1] += 0.6
+    planted = torch.tensor([0, 2, 4, 6, 8, 10])
+    x[planted] += 0.6  # class-0 label, class-1 look
+    return ImageTensorDataset(x.clamp(0, 1), y, num_classes=2), planted.numpy()
+
+
+def test_keep_sampler_yields_each_kept_index_once_and_never_a_dropped_one():
+    mask = np.ones(50, dtype=bool)
+    mask[[3, 7, 11]] = False
+    s = KeepSampler(lambda: mask, shuffle=True, seed=1)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        out = list(s)
+        assert sorted(out) == list(np.flatnonzero(mask))
+        assert len(s) == 47
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first  # reshuffled per epoch
+    s.set_epoch(0)
+    assert list(s) == first  # but reproducible
+
+
+def test_keep_sampler_ranks_partition_with_equal_lengths():
+    mask = np.ones(23, dtype=bool)
+    mask[5] = False
+    parts = [list(KeepSampler(lambda: mask, True, 0, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(p) for p in parts}) == 1
+    assert set().union(*parts) == set(np.flatnonzero(mask))
+
+
+def test_wrap_copies_loader_settings_and_filters():
+    ds, _ = planted_dataset()
+    model = CompactCNN(1, 2, width=4)
+    san = Sanitizer(model, ds, warmup=0, every=1)
+    collate = torch.utils.data.default_collate
+    loader = DataLoader(ds, batch_size=16, shuffle=True, drop_last=True, collate_fn=collate, pin_memory=False)
+    wrapped = san.wrap(loader)
+    assert wrapped.batch_size == 16 and wrapped.drop_last and wrapped.collate_fn is collate
+    assert wrapped.dataset is ds
+    san.keep[:10] = False
+    seen = [int(i) for _, _, idx in wrapped for i in idx]
+    assert not set(range(10)) & set(seen)
+    assert len(seen) == (len(ds) - 10) // 16 * 16
+
+
+def test_wrap_rejects_unsupported_loaders():
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds)
+    weighted = DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler(torch.ones(len(ds)), 10))
+    with pytest.raises(SanitizerError, match="custom sampler"):
+        san.wrap(weighted)
+    batch_sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 4, False)
+    with pytest.raises(SanitizerError, match="batch_sampler"):
+        san.wrap(DataLoader(ds, batch_sampler=batch_sampler))
+
+
+def test_iterable_dataset_and_changing_length_are_refused():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(1, 8, 8), 0
+
+    with pytest.raises(SanitizerError, match="IterableDataset"):
+        Sanitizer(CompactCNN(1, 2, width=4), Stream())
+
+    class Growing(TensorDataset):
+        extra = 0
+
+        def __len__(self):
+            return super().__len__() + self.extra
+
+    ds = Growing(torch.rand(20, 1, 8, 8), torch.arange(20) % 2)
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds)
+    ds.extra = 1
+    with pytest.raises(SanitizerError, match="changed length"):
+        san.run_round(0)
+
+
+def test_mismatched_embed_dataset_is_refused():
+    ds, _ = planted_dataset()
+    short = ImageTensorDataset(ds.images[:10], ds.labels[:10])
+    with pytest.raises(SanitizerError, match="same examples"):
+        Sanitizer(CompactCNN(1, 2, width=4), ds, embed_dataset=short)
+
+
+def test_schedule():
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds, warmup=3, every=2, stop_epoch=7)
+    assert [e for e in range(12) if san.is_round_epoch(e)] == [3, 5, 7]
+
+
+def run(ds, epochs, san_kwargs, stop_after=None, state=None):
+    torch.manual_seed(0)
+    model = CompactCNN(1, 2, width=4)
+    cfg = TrainConfig(epochs=epochs, lr=0.05, batch_size=32, augment=False, seed=0)
+    san = Sanitizer(model, ds, **san_kwargs)
+    train_classifier(model, ds, cfg, sanitizer=san)
+    return model, san
+
+
+def test_planted_points_are_dropped_during_training():
+    ds, planted = planted_dataset()
+    _, san = run(ds, 6, dict(warmup=3, every=2))
+    assert set(planted) <= set(san.dropped)
+    assert len(san.history) == 2 and san.history[0]["epoch"] == 3
+    assert len(san.dropped) <= len(planted) + 8  # a few clean false positives out of 240
+
+
+def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
+    from sanitizer.train import continue_training
+
+    ds, _ = planted_dataset()
+    kwargs = dict(warmup=2, every=2, policy_options={"threshold": 2.0})
+    cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, augment=False, seed=0)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = CompactCNN(1, 2, width=4)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+        return model, opt, sched, Sanitizer(model, ds, **kwargs)
+
+    model, opt, sched, san = fresh()
+    continue_training(model, ds, cfg, opt, sched, san, 0, 6)
+
+    model2, opt2, sched2, san2 = fresh()
+    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, 3)
+    checkpoint = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
+                                "sched": sched2.state_dict(), "san": san2.state_dict()})
+    model3, opt3, sched3, san3 = fresh()
+    model3.load_state_dict(checkpoint["model"])
+    opt3.load_state_dict(checkpoint["opt"])
+    sched3.load_state_dict(checkpoint["sched"])
+    san3.load_state_dict(checkpoint["san"])
+    continue_training(model3, ds, cfg, opt3, sched3, san3, 3, 6)
+
+    np.testing.assert_array_equal(san.dropped, san3.dropped)
+    assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
+    for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_dict_refuses_another_dataset():
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds)
+    other = Sanitizer(CompactCNN(1, 2, width=4), ImageTensorDataset(ds.images[:50], ds.labels[:50]))
+    with pytest.raises(SanitizerError, match="50"):
+        other.load_state_dict(san.state_dict())
+
+
+def test_non_cumulative_mode_can_bring_examples_back():
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds, cumulative=False, policy="random",
+                    policy_options={"count": 5}, warmup=0, every=1)
+    san.run_round(0)
+    first = set(san.dropped)
+    san.run_round(1)
+    assert len(san.dropped) == 5 and set(san.dropped) != first
