@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
 from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
 from sanitizer.policies import Policy, make_policy
@@ -29,6 +31,9 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     out = []
     for i in range(len(dataset)):
         item = dataset[i]
+        if isinstance(item, Mapping) and ("labels" in item or "label" in item):
+            out.append(int(item["labels"] if "labels" in item else item["label"]))
+            continue
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples")
         out.append(int(item[1]))
@@ -75,6 +80,7 @@ class Sanitizer:
         seed: int = 0,
         keep_embeddings: bool = False,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        embed_collate: Callable | None = None,
         round_hooks: list[Callable[..., dict[str, Any] | None]] | None = None,
         verbose: bool = False,
     ) -> None:
@@ -95,7 +101,10 @@ class Sanitizer:
         self.batch_size, self.device, self.last_layer, self.max_dim = batch_size, device, last_layer, max_dim
         self.seed = seed
         self.keep_embeddings = keep_embeddings
+        # Under torch.distributed (world size > 1) and with no gather hook, every rank embeds its
+        # shard of the candidates and the rows are all-gathered (sanitizer.distributed).
         self.gather = gather
+        self.embed_collate = embed_collate  # collate_fn for the embedding pass (e.g. padding text)
         # Called as hook(sanitizer, epoch, candidates, embeddings, selection) after each round's
         # decision; a returned dict is stored in the round's record under "extras" (e.g. the
         # certificate's per-round gradient statistics). Hooks must not change the keep mask.
@@ -106,7 +115,7 @@ class Sanitizer:
         self.last_scores: np.ndarray | None = None
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
-        self._samplers: list[KeepSampler] = []
+        self._samplers: weakref.WeakSet[KeepSampler] = weakref.WeakSet()  # loaders that are gone drop out
 
     # -- what is kept ---------------------------------------------------------------------------
     @property
@@ -149,6 +158,8 @@ class Sanitizer:
         t1 = time.perf_counter()
         selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
                                        seed=self.seed * 1_000_003 + epoch)
+        if is_distributed():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
+            selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
         dropped_now = candidates[~selection.keep]
         if self.cumulative:
@@ -167,16 +178,22 @@ class Sanitizer:
             if extra:
                 record.setdefault("extras", {}).update(extra)
         self.history.append(record)
-        if self.verbose:
+        if self.verbose and is_main_process():
             log(f"[sanitizer] epoch {epoch}: dropped {len(dropped_now)} now, {len(self.dropped)} in total "
                 f"(embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
         return record
 
     def _embed(self, candidates: np.ndarray) -> torch.Tensor:
-        emb = gradient_embeddings(self.model, self.embed_dataset, kind=self.embedding, batch_size=self.batch_size,
-                                  device=self.device, last_layer=self.last_layer, max_dim=self.max_dim,
-                                  seed=self.seed, indices=candidates, num_classes=self.num_classes)
+        if self.gather is None and is_distributed():
+            return gather_embeddings(self._embed_rows, candidates)
+        emb = self._embed_rows(candidates)
         return self.gather(emb) if self.gather is not None else emb
+
+    def _embed_rows(self, indices: np.ndarray) -> torch.Tensor:
+        return gradient_embeddings(unwrap_model(self.model), self.embed_dataset, kind=self.embedding,
+                                   batch_size=self.batch_size, device=self.device, last_layer=self.last_layer,
+                                   max_dim=self.max_dim, seed=self.seed, indices=indices,
+                                   num_classes=self.num_classes, collate_fn=self.embed_collate)
 
     def _record(self, epoch, candidates, dropped_now, scores, t_embed, t_select) -> dict[str, Any]:
         labels = self.labels[candidates]
@@ -201,11 +218,13 @@ class Sanitizer:
 
     # -- loaders --------------------------------------------------------------------------------
     def sampler(self, shuffle: bool = True, seed: int | None = None, num_replicas: int = 1, rank: int = 0,
-                drop_last: bool = False) -> KeepSampler:
-        """A sampler over the kept indices that follows this sanitizer's rounds and epochs."""
-        s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last)
+                drop_last: bool = False, length: int | None = None) -> KeepSampler:
+        """A sampler over the kept indices that follows this sanitizer's rounds and epochs
+        (``length``: a fixed epoch length, see :class:`~sanitizer.sampler.KeepSampler`)."""
+        s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last,
+                        length)
         s.set_epoch(max(self.epoch, 0))
-        self._samplers.append(s)
+        self._samplers.add(s)
         return s
 
     def wrap(self, loader: DataLoader) -> DataLoader:
@@ -223,7 +242,8 @@ class Sanitizer:
         dict, written to ``path`` as JSON when given; see :func:`sanitizer.certificate.build_certificate`."""
         from sanitizer.certificate import build_certificate
 
-        return build_certificate(self, path=path, **options)
+        # Under torch.distributed every rank gets the dict; only rank 0 writes the file.
+        return build_certificate(self, path=path if is_main_process() else None, **options)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Kinds:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> nn.Linear:
              for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         with torch.no_grad():
-            out = model(example)
+            out = _call(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -69,9 +70,38 @@ def _logits_of(output) -> torch.Tensor:
     raise SanitizerError(f"cannot read logits from a model output of type {type(output).__name__}")
 
 
+def _call(model: nn.Module, x: Any):
+    """Run the model on a batch: a tensor positionally, a dict of tensors as keyword arguments."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Mapping):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
+def _head(x: Any, n: int) -> Any:
+    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in x.items()} if isinstance(x, Mapping) else x[:n]
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, labels) from a ``(x, y, ...)`` batch or a dict batch with a "labels"/"label" entry."""
+    if isinstance(batch, Mapping):
+        key = "labels" if "labels" in batch else "label" if "label" in batch else None
+        if key is None:
+            raise SanitizerError(f"a dict batch needs a 'labels' (or 'label') entry; got keys {sorted(batch)}")
+        return {k: v for k, v in batch.items() if k not in ("labels", "label")}, torch.as_tensor(batch[key])
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples, "
+                             "or dicts with a 'labels' entry")
+    return batch[0], torch.as_tensor(batch[1])
+
+
 def iterate_batches(dataset: Dataset, batch_size: int, indices: Sequence[int] | None = None,
-                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, labels)`` batches in order; datasets may yield ``(x, y)`` or ``(x, y, ...)``."""
+                    num_workers: int = 0, collate_fn: Callable | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Yield ``(inputs, labels)`` batches in order; datasets may yield ``(x, y)``, ``(x, y, ...)`` or
+    dicts with a ``labels`` entry (Hugging Face style; the other entries become keyword inputs)."""
     images = getattr(dataset, "images", None)
     if images is not None and getattr(dataset, "transform", None) is None and hasattr(dataset, "labels"):
         idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
@@ -80,11 +110,9 @@ def iterate_batches(dataset: Dataset, batch_size: int, indices: Sequence[int] | 
             yield images[chunk], dataset.labels[chunk]
         return
     source = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
     for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples")
-        yield batch[0], torch.as_tensor(batch[1])
+        yield _split_batch(batch)
 
 
 class _EvalMode:
@@ -131,6 +159,7 @@ def gradient_embeddings(
     num_classes: int | None = None,
     dtype: torch.dtype = torch.float32,
     num_workers: int = 0,
+    collate_fn: Callable | None = None,
 ) -> torch.Tensor:
     """Per-example gradient embeddings ``[N, D]`` (on the CPU) of ``dataset`` under ``model``.
 
@@ -145,6 +174,8 @@ def gradient_embeddings(
     n = check_map_dataset(dataset)
     dev = _resolve_device(model, device)
     if kind == "params":
+        if collate_fn is not None:
+            raise SanitizerError("kind='params' supports tensor inputs only (no collate_fn)")
         return _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, params, num_classes,
                                  dtype, num_workers)
     rows = n if indices is None else len(indices)
@@ -154,15 +185,15 @@ def gradient_embeddings(
     hook = None
     with _EvalMode(model):
         done = 0
-        for x, y in iterate_batches(dataset, batch_size, indices, num_workers):
-            x = x.to(dev, non_blocking=True)
+        for x, y in iterate_batches(dataset, batch_size, indices, num_workers, collate_fn):
+            x = _to_device(x, dev)
             y = y.to(dev).long()
             if last_layer is None and kind != "logits":
-                last_layer = find_last_linear(model, x[:2])
+                last_layer = find_last_linear(model, _head(x, 2))
             if hook is None and kind != "logits":
                 hook = last_layer.register_forward_hook(lambda _m, inp, _o: captured.__setitem__("h", inp[0]))
             try:
-                z = _logits_of(model(x))
+                z = _logits_of(_call(model, x))
             except Exception:
                 if hook is not None:
                     hook.remove()
@@ -235,6 +266,8 @@ def _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, p
     chunks = []
     with _EvalMode(model), torch.enable_grad():
         for x, y in iterate_batches(dataset, step, indices, num_workers):
+            if isinstance(x, Mapping):
+                raise SanitizerError("kind='params' supports tensor inputs only; use 'last_layer' for dict inputs")
             x, y = x.to(dev), y.to(dev).long()
             if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
                 raise SanitizerError(f"label {int(y.max())} is out of range for {num_classes} classes")

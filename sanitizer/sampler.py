@@ -19,6 +19,11 @@ class KeepSampler(Sampler[int]):
     (by repeating from the start) to a multiple of ``num_replicas`` so every rank gets the same
     number of examples, then rank ``r`` takes every ``num_replicas``-th index starting at ``r``.
 
+    ``length`` fixes the number of indices per epoch (before the split between replicas): the
+    shuffled kept indices are repeated from the start until ``length`` is reached, so an epoch still
+    contains only kept examples but keeps its original size. Trainers that compute the number of
+    steps per epoch once (Hugging Face ``Trainer``) need this.
+
     Example:
         >>> mask = np.array([True, False, True, True])
         >>> sorted(KeepSampler(lambda: mask, shuffle=False))
@@ -26,9 +31,12 @@ class KeepSampler(Sampler[int]):
     """
 
     def __init__(self, keep_mask: Callable[[], np.ndarray], shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> None:
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False, length: int | None = None) -> None:
         if not 0 <= rank < num_replicas:
             raise SanitizerError(f"rank {rank} is out of range for {num_replicas} replicas")
+        if length is not None and length < 1:
+            raise SanitizerError(f"length must be a positive number of indices, got {length}")
+        self.length = length
         self.keep_mask = keep_mask
         self.shuffle = shuffle
         self.seed = seed
@@ -45,6 +53,10 @@ class KeepSampler(Sampler[int]):
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             kept = kept[torch.randperm(len(kept), generator=gen).numpy()]
+        if self.length is not None:
+            if not len(kept):
+                raise SanitizerError("every example has been dropped; there is nothing left to train on")
+            kept = np.resize(kept, self.length)
         if self.num_replicas > 1:
             if self.drop_last:
                 kept = kept[: len(kept) - len(kept) % self.num_replicas]
@@ -57,7 +69,7 @@ class KeepSampler(Sampler[int]):
         return iter(self._all_indices()[self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        n = int(self.keep_mask().sum())
+        n = int(self.keep_mask().sum()) if self.length is None else self.length
         if self.num_replicas == 1:
             return n
         if self.drop_last:
