@@ -10,6 +10,7 @@ import sys
 # parser.set_defaults(handler=callable(args) -> int).
 COMMAND_MODULES = (
     "sanitizer.demo",
+    "sanitizer.certificate.command",
 )
 
 

@@ -1,0 +1,175 @@
+"""``sanitizer certify`` (train under the sanitizer and write a certificate and report) and
+``sanitizer verify`` (check a certificate's chain and, given the data, its fingerprint)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sanitizer.errors import SanitizerError
+
+DATASETS = ("digits", "cifar10")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("certify", help="train under the sanitizer and write a certificate and report",
+                              description="Train a model under the sanitizer on a bundled dataset, then write a "
+                                          "certificate (JSON) and an HTML report. Optionally measure attack "
+                                          "success on a proxy run and add a partition-aggregation certificate.")
+    _data_args(p)
+    p.add_argument("--subset-per-class", type=int, default=None, help="use this many training examples per class")
+    p.add_argument("--model", default="cnn", choices=("cnn", "resnet18"))
+    p.add_argument("--width", type=int, default=None, help="model width (cnn default 32, resnet18 default 64)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--policy", default="density")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option, e.g. threshold=3.0 (repeatable)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attacks", default="", help="comma-separated bundled attacks for the measured-robustness "
+                                                 "section, e.g. label_flip,badnets (empty: skip)")
+    p.add_argument("--runs", type=int, default=2, help="runs per attack in the robustness section")
+    p.add_argument("--proxy-per-class", type=int, default=None,
+                   help="training examples per class in the robustness proxy (default: all used)")
+    p.add_argument("--proxy-epochs", type=int, default=None, help="epochs of each proxy run (default: --epochs)")
+    p.add_argument("--partitions", type=int, default=0, help="k > 0 adds a partition-aggregation certificate")
+    p.add_argument("--partition-epochs", type=int, default=None)
+    p.add_argument("--out", default="certificate/cert.json", help="certificate JSON path")
+    p.add_argument("--report-dir", default=None, help="report folder (default: beside the certificate)")
+    p.set_defaults(handler=run_certify)
+
+    v = subparsers.add_parser("verify", help="check a certificate's hash chain and, given the data, its fingerprint")
+    v.add_argument("certificate", help="certificate JSON file")
+    _data_args(v, default=None)
+    v.set_defaults(handler=run_verify)
+
+
+def _data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", choices=DATASETS, default=default,
+                   help="bundled dataset" + ("" if default else " to check the fingerprint against"))
+    p.add_argument("--data-root", default="../shared/data/cifar10", help="CIFAR-10 folder (torchvision layout)")
+    p.add_argument("--poisons", default=None, help="a PoisonSet .npz to apply to the training set")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None):
+    """``(train, test, poison_set)`` exactly as described by a certificate's ``dataset.source``."""
+    from sanitizer.attacks import PoisonSet
+    from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
+
+    name = source.get("name")
+    if name == "digits":
+        train, test = load_digits_split()
+    elif name == "cifar10":
+        train, test = load_cifar10(data_root, train=True), load_cifar10(data_root, train=False)
+    else:
+        raise SanitizerError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if source.get("subset_per_class"):
+        idx = torch.from_numpy(subset_by_class(train, source["subset_per_class"], source.get("subset_seed", 0)))
+        train = ImageTensorDataset(train.images[idx], train.labels[idx], None, train.num_classes)
+    poisons = None
+    if source.get("poisons_sha256"):
+        if poisons_path is None:
+            raise SanitizerError("the certificate was made on a poisoned training set; pass the same file with "
+                                 "--poisons to rebuild it")
+        if file_sha256(poisons_path) != source["poisons_sha256"]:
+            raise SanitizerError(f"{poisons_path} is not the poison file the certificate was made with "
+                                 "(its sha256 differs)")
+    if poisons_path is not None:
+        poisons = PoisonSet.load(poisons_path)
+        train = poisons.apply(train)
+    return train, test, poisons
+
+
+def _policy_options(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SanitizerError(f"--policy-option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    from sanitizer.certificate import BoundRecorder, measure_robustness, partition_certificate, sanitizer_options
+    from sanitizer.core import Sanitizer
+    from sanitizer.models import make_model
+    from sanitizer.progress import log
+    from sanitizer.train import TrainConfig, accuracy, train_classifier
+
+    source = {"name": args.data, "subset_per_class": args.subset_per_class, "subset_seed": args.seed,
+              "poisons_sha256": file_sha256(args.poisons) if args.poisons else None}
+    train, test, poisons = load_source(source, args.data_root, args.poisons)
+    in_ch, classes = train.images.shape[1], train.num_classes
+
+    def factory() -> torch.nn.Module:
+        return make_model(args.model, classes, in_ch, args.width)
+
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = factory()
+    sanitizer = Sanitizer(model, train, policy=args.policy, policy_options=_policy_options(args.policy_option),
+                          warmup=args.warmup, every=args.every, seed=args.seed, num_classes=classes)
+    BoundRecorder.attach(sanitizer)
+    train_classifier(model, train, config, sanitizer=sanitizer, desc="certified run")
+    log(f"clean test accuracy {accuracy(model, test):.3f}; dropped {len(sanitizer.dropped)} of {len(train)}")
+    options = sanitizer_options(sanitizer)
+    robustness = None
+    attacks = [a for a in args.attacks.split(",") if a]
+    if attacks:
+        proxy_config = TrainConfig(**{**config.to_dict(), "epochs": args.proxy_epochs or args.epochs})
+        base = train if poisons is None else load_source({**source, "poisons_sha256": None}, args.data_root, None)[0]
+        robustness = measure_robustness(factory, base, test, proxy_config, attacks, args.runs,
+                                        args.proxy_per_class, options, args.seed)
+    partition = None
+    if args.partitions:
+        part_config = TrainConfig(**{**config.to_dict(), "epochs": args.partition_epochs or args.epochs})
+        partition = partition_certificate(factory, train, test, args.partitions, part_config, options)
+    out = Path(args.out)
+    report_dir = Path(args.report_dir) if args.report_dir else out.parent / "report"
+    cert = sanitizer.certificate(out, train_config=config, dataset_source=source,
+                                 poison_indices=poisons.indices if poisons is not None else None,
+                                 robustness=robustness, partition=partition, report_dir=report_dir,
+                                 seeds={"run": args.seed})
+    print(f"certificate: {out}\nreport:      {report_dir / 'report.html'}\nseal:        {cert['seal']['hash']}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from sanitizer.certificate import load_certificate, verify_certificate
+
+    cert = load_certificate(args.certificate)
+    dataset = None
+    if args.data is not None:
+        source = dict((cert.get("audit", {}).get("dataset", {}) or {}).get("source") or {})
+        if source.get("name") not in (None, args.data):
+            print(f"FAILED: the certificate was made on {source['name']!r}, not {args.data!r}")
+            return 1
+        source["name"] = args.data
+        dataset = load_source(source, args.data_root, args.poisons)[0]
+    result = verify_certificate(cert, dataset)
+    for item in result.checked:
+        print(f"checked: {item}")
+    if result.ok:
+        print(f"OK: the certificate is intact (seal {cert['seal']['hash']})")
+        if dataset is None:
+            print("note: no dataset given, so its fingerprint was not checked (pass --data ...)")
+        return 0
+    for problem in result.problems:
+        print(f"FAILED: {problem}")
+    return 1

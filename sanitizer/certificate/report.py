@@ -1,0 +1,461 @@
+"""The human-readable report of a certificate: one self-contained HTML file plus the PNGs beside it.
+
+Figures: rounds over time, per-class histograms of the isolation scores with the threshold, a 2-D PCA
+projection of the gradient embeddings (dropped examples and known poisons marked), a grid of the
+dropped images per class, ρ and the slack per round, the robustness table and the certified accuracy.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_STYLE = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1d2330;margin:0;background:#f5f6f8}
+main{max-width:1100px;margin:0 auto;padding:24px 32px;background:#fff}
+h1{font-size:26px;margin:8px 0 4px}
+h2{font-size:20px;margin:32px 0 8px;border-bottom:2px solid #e3e6eb;padding-bottom:4px}
+p,li{font-size:14px;line-height:1.5}.muted{color:#5b6475}
+table{border-collapse:collapse;font-size:13px;margin:8px 0 16px}
+th,td{border:1px solid #d9dde3;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+code{font-family:Menlo,Consolas,monospace;font-size:12px;background:#f0f2f5;padding:1px 4px;border-radius:3px;
+word-break:break-all}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+.note{background:#fff8e6;border-left:4px solid #f0b429;padding:8px 12px;font-size:13px}
+.ok{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}
+"""
+
+# Marks the page with how many images decoded, so a headless browser can check the report renders.
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+"""
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    data = buf.getvalue()
+    (out_dir / name).write_bytes(data)
+    return name, data
+
+
+def _class_colors(n: int):
+    cmap = _plt().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def fig_rounds(cert: dict, out_dir: Path):
+    plt = _plt()
+    rounds = cert["audit"]["rounds"]
+    classes = sorted(cert["audit"]["dataset"]["class_counts"], key=int)
+    epochs = [r["epoch"] for r in rounds]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    bottom = np.zeros(len(rounds))
+    colors = _class_colors(len(classes))
+    for c, color in zip(classes, colors):
+        counts = np.array([r["per_class"].get(c, {}).get("dropped_now", 0) for r in rounds])
+        ax1.bar(range(len(rounds)), counts, bottom=bottom, color=color, label=f"class {c}")
+        bottom += counts
+    ax1.set_xticks(range(len(rounds)), [f"r{r['round']}\nep {e}" for r, e in zip(rounds, epochs)])
+    ax1.set_ylabel("examples dropped in the round")
+    ax1.set_title("Drops per round, by class")
+    ax1.legend(fontsize=7, ncol=2, loc="upper right")
+    size = cert["audit"]["dataset"]["size"]
+    ax2.plot(epochs, [size - r["dropped_total"] for r in rounds], "o-", color="#1f5fa8")
+    ax2.set_xticks(epochs)
+    ax2.set_xlabel("epoch of the round")
+    ax2.set_ylabel("examples kept after the round")
+    ax2.set_title(f"Training set size (of {size})")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_dir, "rounds.png")
+
+
+def fig_scores(view: dict, cert: dict, out_dir: Path):
+    plt = _plt()
+    labels, scores, dropped = view["labels"], view["scores"], view["dropped"]
+    classes = np.unique(labels)
+    cols = min(5, len(classes))
+    rows = int(np.ceil(len(classes) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.3 * rows + 0.6), squeeze=False)
+    threshold = cert["audit"]["configuration"]["policy_options"].get("threshold")
+    finite = scores[np.isfinite(scores)]
+    bins = np.linspace(finite.min(), finite.max(), 30) if len(finite) and finite.min() < finite.max() else 10
+    for ax, c in zip(axes.flat, classes):
+        in_c = labels == c
+        ax.hist([scores[in_c & ~dropped], scores[in_c & dropped]], bins=bins, stacked=True,
+                color=["#8aa6c8", "#d62728"], label=["kept", "dropped"])
+        if threshold is not None:
+            ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
+        ax.set_title(f"class {c}  ({int(in_c.sum())} ex., {int((in_c & dropped).sum())} dropped)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(classes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Isolation scores in round {view['round']} (epoch {view['epoch']}); higher = more isolated",
+                 fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_dir, "scores.png")
+
+
+def fig_projection(view: dict, poison_set: set[int], out_dir: Path):
+    plt = _plt()
+    xy, idx, labels, dropped = view["projection"], view["projection_index"], view["projection_labels"], \
+        view["projection_dropped"]
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    colors = _class_colors(int(labels.max()) + 1 if len(labels) else 1)
+    for c in np.unique(labels):
+        sel = (labels == c) & ~dropped
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.45, color=colors[c], label=f"class {c}")
+    ax.scatter(xy[dropped, 0], xy[dropped, 1], s=40, marker="x", color="#d62728", lw=1.5, label="dropped")
+    poisons = np.array([i in poison_set for i in idx], dtype=bool)
+    if poisons.any():
+        ax.scatter(xy[poisons, 0], xy[poisons, 1], s=70, facecolors="none", edgecolors="black", lw=1.2,
+                   label="known poison")
+    ev = view.get("explained")
+    ax.set_xlabel("PC 1" + (f" ({ev[0]:.0%} of variance)" if ev is not None else ""))
+    ax.set_ylabel("PC 2" + (f" ({ev[1]:.0%} of variance)" if ev is not None else ""))
+    ax.set_title(f"Gradient embeddings, round {view['round']} (epoch {view['epoch']}), PCA to 2-D"
+                 + (f", {len(idx)} sampled" if view.get("sampled") else ""))
+    ax.legend(fontsize=7, ncol=2, markerscale=1.5, loc="best")
+    ax.grid(alpha=0.2)
+    fig.tight_layout()
+    return _save(fig, out_dir, "projection.png")
+
+
+def fig_dropped(cert: dict, images: torch.Tensor | None, labels: np.ndarray, poison_set: set[int], out_dir: Path,
+                per_class: int = 12):
+    """One montage (a row per class with drops), drawn as a single image so it stays fast."""
+    plt = _plt()
+    dropped = np.asarray(cert["audit"]["dropped"], dtype=np.int64)
+    classes = [int(c) for c in np.unique(labels[dropped])] if len(dropped) else []
+    if images is None or not classes:
+        fig, ax = plt.subplots(figsize=(8, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No examples were dropped." if not classes else "Images are not available.",
+                ha="center", va="center", fontsize=12)
+        return _save(fig, out_dir, "dropped.png")
+    c_in, h, w = images.shape[1:]
+    pad = max(2, h // 8)
+    cell_h, cell_w = h + 2 * pad, w + 2 * pad
+    canvas = np.ones((len(classes) * cell_h, per_class * cell_w, 3), dtype=np.float32)
+    counts = []
+    for row, c in enumerate(classes):
+        members = dropped[labels[dropped] == c]
+        counts.append(len(members))
+        for col, i in enumerate(members[:per_class]):
+            img = images[int(i)].detach().float().cpu().clamp(0, 1).numpy()
+            img = np.repeat(img[:1], 3, 0) if c_in == 1 else img[:3]
+            top, left = row * cell_h, col * cell_w
+            if int(i) in poison_set:  # a red frame around known poisons
+                m = pad // 2
+                canvas[top + m:top + cell_h - m, left + m:left + cell_w - m] = (0.84, 0.15, 0.16)
+            canvas[top + pad:top + pad + h, left + pad:left + pad + w] = np.transpose(img, (1, 2, 0))
+    fig, ax = plt.subplots(figsize=(11, max(1.6, 11 * canvas.shape[0] / canvas.shape[1] + 0.6)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(r + 0.5) * cell_h for r in range(len(classes))],
+                  [f"class {c} ({n})" for c, n in zip(classes, counts)], fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(f"Dropped examples by class (up to {per_class} each; number dropped in brackets; "
+                 "red frame = known poison)", fontsize=10)
+    return _save(fig, out_dir, "dropped.png")
+
+
+def fig_bound(cert: dict, out_dir: Path):
+    plt = _plt()
+    rounds = cert["audit"]["rounds"]
+    stats = [r.get("extras", {}).get("bound") for r in rounds]
+    epochs = [r["epoch"] for r in rounds]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ax1.plot(epochs, [s["rho"] for s in stats], "o-", label="ρ (whole set vs kept)")
+    ax1.plot(epochs, [s["rho_round"] or 0 for s in stats], "s--", label="ρ of this round's drops")
+    ax1.plot(epochs, [s["grad_norm"] for s in stats], "^:", color="gray", label="‖∇L‖")
+    ax1.set_xlabel("epoch of the round")
+    ax1.set_title("Gradient change caused by the drops (last layer)")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    slack = [s["slack"] if s["slack"] is not None else np.nan for s in stats]
+    ax2.plot(epochs, slack, "o-", color="#b35c00")
+    ax2.set_xlabel("epoch of the round")
+    ax2.set_title("Slack (2ρ∇max − ρ²)/(2µ̂)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(epochs)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_dir, "rho.png")
+
+
+def fig_robustness(section: dict, out_dir: Path):
+    plt = _plt()
+    attacks = section["attacks"]
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.9 * len(attacks)))
+    for j, (arm, color) in enumerate((("undefended", "#d62728"), ("sanitized", "#1f77b4"))):
+        for i, a in enumerate(attacks):
+            r = a[arm]["attack_success"]
+            y = i + (-0.18 if j == 0 else 0.18)
+            if r["rate"] is None:
+                continue
+            lo, hi = r["wilson95"]
+            ax.barh(y, r["rate"], height=0.34, color=color, label=arm if i == 0 else None)
+            ax.errorbar(r["rate"], y, xerr=[[r["rate"] - lo], [hi - r["rate"]]], color="black", capsize=3, lw=1)
+    ax.set_yticks(range(len(attacks)), [a["attack"] for a in attacks])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("attack success (Wilson 95% interval)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, out_dir, "robustness.png")
+
+
+def fig_certified(section: dict, out_dir: Path):
+    plt = _plt()
+    curve = section["certified_accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot([c["radius"] for c in curve], [c["accuracy"] for c in curve], "o-", drawstyle="steps-post",
+            color="#137333")
+    ax.set_xlim(-0.2, max(1, len(curve) - 1) + 0.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("radius (training examples inserted or removed)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Partition aggregation, k = {section['partitions']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_dir, "certified.png")
+
+
+# -- the view of one round used by the histograms and the projection -------------------------------
+def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None) -> dict[str, Any] | None:
+    """The recorded round with the most drops (or the sanitizer's last scores when nothing was recorded)."""
+    if recorder is not None and recorder.rounds:
+        i = int(np.argmax([(~r["kept"]).sum() for r in recorder.rounds]))
+        r = recorder.rounds[i]
+        cand = r["candidates"]
+        rows = r["projection_rows"]
+        return {"round": i, "epoch": r["epoch"], "labels": labels[cand], "scores": r["scores"],
+                "dropped": ~r["kept"], "projection": r["projection"], "projection_index": cand[rows],
+                "projection_labels": labels[cand[rows]], "projection_dropped": ~r["kept"][rows],
+                "explained": r.get("explained"), "sampled": len(rows) < len(cand)}
+    if fallback_scores is not None and np.isfinite(fallback_scores).any():
+        cand = np.flatnonzero(np.isfinite(fallback_scores))
+        return {"round": "last", "epoch": "?", "labels": labels[cand], "scores": fallback_scores[cand],
+                "dropped": np.zeros(len(cand), dtype=bool), "projection": None}
+    return None
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(
+        f"<td class='num'>{_fmt(c)}</td>" if isinstance(c, (int, float)) and not isinstance(c, bool)
+        else f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>" for c in row) + "</tr>"
+        for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _rate(r: dict) -> str:
+    if r["rate"] is None:
+        return "–"
+    lo, hi = r["wilson95"]
+    return f"{r['rate']:.1%} ({r['successes']}/{r['trials']}; {lo:.1%}–{hi:.1%})"
+
+
+def _img(name: str, data: bytes, alt: str) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f"<img src='data:image/png;base64,{encoded}' alt='{html.escape(alt)}' data-file='{name}'>"
+
+
+def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torch.Tensor | None = None,
+                 labels: np.ndarray | None = None, poison_indices=None,
+                 last_scores: np.ndarray | None = None) -> Path:
+    """Write ``report.html`` and its PNGs into ``out_dir``; return the HTML path.
+
+    Example:
+        >>> write_report(cert, "report", recorder=recorder, images=train.images,
+        ...              labels=train.labels.numpy())  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    audit = cert["audit"]
+    labels = np.asarray(labels) if labels is not None else None
+    poison_set = {int(i) for i in (poison_indices if poison_indices is not None else [])}
+    figures: list[tuple[str, str, str, bytes]] = []  # section, alt, name, data
+
+    def add(section: str, alt: str, made) -> None:
+        figures.append((section, alt, *made))
+
+    if audit["rounds"]:
+        add("rounds", "drops per round and kept examples", fig_rounds(cert, out))
+    view = round_view(recorder, labels, last_scores) if labels is not None else None
+    if view is not None:
+        add("scores", "isolation score histograms", fig_scores(view, cert, out))
+        if view.get("projection") is not None:
+            add("projection", "PCA projection of gradient embeddings", fig_projection(view, poison_set, out))
+    if labels is not None:
+        add("dropped", "dropped images per class", fig_dropped(cert, images, labels, poison_set, out))
+    if cert["bound"] is not None:
+        add("bound", "rho and slack per round", fig_bound(cert, out))
+    if cert["robustness"] is not None and cert["robustness"]["attacks"]:
+        add("robustness", "attack success undefended vs sanitized", fig_robustness(cert["robustness"], out))
+    if cert["partition"] is not None:
+        add("partition", "certified accuracy by radius", fig_certified(cert["partition"], out))
+    imgs = {s: _img(name, data, alt) for s, alt, name, data in figures}
+
+    ds, cfg = audit["dataset"], audit["configuration"]
+    dropped = audit["dropped"]
+    parts = [f"<h1>Certificate of a sanitized training run</h1>"
+             f"<p class='muted'>Schema {cert['schema']} v{cert['schema_version']} · created {cert['created']}</p>"]
+    summary = [
+        ["Dataset", f"{ds['size']} examples of shape {tuple(ds['example_shape'])}, {len(ds['class_counts'])} classes"],
+        ["Fingerprint", f"<code>{ds['fingerprint']}</code>"],
+        ["Policy", f"{cfg['policy']} ({', '.join(f'{k}={v}' for k, v in cfg['policy_options'].items())}), "
+                   f"embedding {cfg['embedding']}"],
+        ["Schedule", f"warm-up {cfg['warmup']}, every {cfg['every']} epochs, stop {cfg['stop_epoch']}"],
+        ["Rounds", str(len(audit["rounds"]))],
+        ["Dropped", f"{len(dropped)} examples ({len(dropped) / ds['size']:.2%})"],
+    ]
+    if poison_set:
+        caught = len(poison_set & set(dropped))
+        summary.append(["Known poisons", f"{caught} of {len(poison_set)} dropped; "
+                                         f"{len(dropped) - caught} clean examples dropped"])
+    summary.append(["Seal", f"<code>{cert['seal']['hash']}</code>"])
+    parts.append(_table(["", ""], summary))
+    parts.append("<p class='muted'>Check it with <code>sanitizer verify cert.json</code> (add <code>--data</code> "
+                 "to check the dataset fingerprint). The hash chain shows edits relative to the seal above; "
+                 "publish the seal somewhere the certificate's holder cannot change.</p>")
+
+    parts.append("<h2>Rounds</h2>" + imgs.get("rounds", "<p>No rounds ran.</p>"))
+    rows = [[r["round"], r["epoch"], r["candidates"], len(r["dropped_now"]), r["dropped_total"]]
+            for r in audit["rounds"]]
+    parts.append(_table(["round", "epoch", "candidates", "dropped now", "dropped in total"], rows))
+    if "scores" in imgs:
+        parts.append("<h2>Isolation scores</h2>" + imgs["scores"])
+    if "projection" in imgs:
+        parts.append("<h2>Gradient embeddings</h2>" + imgs["projection"])
+    if "dropped" in imgs:
+        parts.append("<h2>Dropped examples</h2>" + imgs["dropped"])
+
+    parts.append("<h2>Training-dynamics bound</h2>")
+    bound = cert["bound"]
+    if bound is None:
+        parts.append("<p>No per-round gradient statistics were recorded (attach a "
+                     "<code>BoundRecorder</code> before training).</p>")
+    else:
+        parts.append(f"<p>{html.escape(bound['theorem'])}. {html.escape(bound['statement'])}</p>" + imgs["bound"])
+        rows = [[r["round"], r["epoch"], b["rho"], b["rho_round"], b["grad_max"], b["grad_norm"], b["loss"],
+                 b["mu_estimate"], b["slack"]] for r in audit["rounds"] for b in [r["extras"]["bound"]]]
+        parts.append(_table(["round", "epoch", "ρ", "ρ (round)", "∇max", "‖∇L‖", "L", "µ̂", "slack"], rows))
+        parts.append(f"<p>Conservative slack (largest ρ and ∇max with the smallest µ̂): "
+                     f"<b>{_fmt(bound['conservative_slack'])}</b>.</p>")
+        parts.append("<div class='note'><b>Not verified by this run:</b><ul>"
+                     + "".join(f"<li>{html.escape(a)}</li>" for a in bound["assumptions_not_verified"])
+                     + "</ul></div>")
+
+    parts.append("<h2>Measured robustness</h2>")
+    rob = cert["robustness"]
+    if rob is None:
+        parts.append("<p>Not measured (run <code>sanitizer certify --attacks ...</code>).</p>")
+    else:
+        px = rob["proxy"]
+        parts.append(f"<p class='note'>{html.escape(rob['label'])}. Proxy: {px['train_size']} of {px['of']} "
+                     f"training examples, {px['train_config']['epochs']} epochs, {px['runs']} run(s) per attack, "
+                     f"{px['test_size']} test images.</p>")
+        rows = [[a["attack"], a["goal"], a["runs"], a["measure"], _rate(a["undefended"]["attack_success"]),
+                 _rate(a["sanitized"]["attack_success"]), _rate(a["undefended"]["clean_accuracy"]),
+                 _rate(a["sanitized"]["clean_accuracy"]), _rate(a["poisons_dropped"])] for a in rob["attacks"]]
+        parts.append(_table(["attack", "goal", "runs", "success means", "success undefended",
+                             "success sanitized", "clean acc. undefended", "clean acc. sanitized",
+                             "poisons dropped"], rows))
+        parts.append("<p class='muted'>Rates: value (successes/trials; Wilson 95% interval).</p>"
+                     + imgs.get("robustness", ""))
+
+    part = cert["partition"]
+    if part is not None:
+        parts.append("<h2>Provable certificate: partition aggregation</h2>")
+        parts.append(f"<p>{html.escape(part['guarantee'])} Partition rule: {html.escape(part['hash'])}. "
+                     f"Clean accuracy of the vote: {part['clean_accuracy']:.1%} on {part['test_size']} test "
+                     "images.</p>" + imgs["partition"])
+        shown = [c for c in part["certified_accuracy"] if c["radius"] <= 10]
+        parts.append(_table(["radius", "certified accuracy"], [[c["radius"], c["accuracy"]] for c in shown]))
+    versions = ", ".join(f"{k} {v}" for k, v in audit["versions"].items())
+    parts.append(f"<h2>Environment</h2><p class='muted'>{html.escape(versions)}. Seeds: "
+                 f"{html.escape(str(audit['seeds']))}.</p>")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Sanitizer certificate</title>"
+            f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body><main>"
+            + "\n".join(parts) + "</main></body></html>")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def find_browser() -> str | None:
+    """A Chromium-family browser on PATH, or None."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def browser_check(html_path: str | Path, screenshot: str | Path | None = None, width: int = 1200,
+                  height: int = 3000, timeout: float = 120) -> dict[str, Any]:
+    """Open the report in headless Chromium: count the images that decoded, optionally take a screenshot.
+
+    Returns ``{"images_ok": int, "images": int, "screenshot": path or None}``.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    browser = find_browser()
+    if browser is None:
+        raise FileNotFoundError("no Chromium found; install it with `apt-get install -y chromium`")
+    url = Path(html_path).resolve().as_uri()
+    with tempfile.TemporaryDirectory() as profile:
+        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+        dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True, timeout=timeout).stdout
+        if screenshot is not None:
+            subprocess.run(common + [f"--screenshot={Path(screenshot).resolve()}", f"--window-size={width},{height}",
+                                     url], capture_output=True, timeout=timeout, check=True)
+    found = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    if not found:
+        raise RuntimeError("the browser did not run the report's load check (no data-images attribute)")
+    return {"images_ok": int(found.group(1)), "images": int(found.group(2)),
+            "screenshot": str(screenshot) if screenshot is not None else None}
