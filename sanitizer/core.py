@@ -229,7 +229,7 @@ class Sanitizer:
 
     def wrap(self, loader: DataLoader) -> DataLoader:
         """A DataLoader like ``loader`` (same dataset, batch size, workers, collate, ...) over kept indices."""
-        if loader.dataset is not self.dataset and len(loader.dataset) != self.size:
+        if loader.dataset is not self.dataset and check_map_dataset(loader.dataset) != self.size:
             raise SanitizerError(f"the loader's dataset has {len(loader.dataset)} examples but the sanitizer "
                                  f"was built on {self.size}")
         layout = sampler_layout(loader)

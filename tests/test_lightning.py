@@ -1,0 +1,142 @@
+"""PyTorch Lightning: SanitizerCallback drops planted points, resumes exactly, refuses bad setups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from planted import planted_dataset, tiny_mlp, weights
+from torch.utils.data import DataLoader, IterableDataset
+
+from sanitizer import Sanitizer
+from sanitizer.errors import SanitizerError
+
+L = pytest.importorskip("lightning.pytorch")
+from sanitizer.integrations.lightning import SanitizerCallback  # noqa: E402
+
+EPOCHS = 5
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_mlp()
+        self.seen: list[int] = []  # examples trained on, per epoch
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        self.seen.append(0)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.seen[-1] += len(y)
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _trainer(tmp_path, callbacks, max_epochs=EPOCHS, **kwargs):
+    options = dict(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
+                   reload_dataloaders_every_n_epochs=1, deterministic=True)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def _setup():
+    dataset, planted = planted_dataset()
+    model = LitClassifier()
+    sanitizer = Sanitizer(model, dataset, warmup=1, every=2, seed=0)
+    callback = SanitizerCallback(sanitizer)
+    loader = callback.wrap(DataLoader(dataset, batch_size=32, shuffle=True))
+    return dataset, planted, model, sanitizer, callback, loader
+
+
+def test_fit_drops_planted_points_and_resumes_exactly(tmp_path):
+    dataset, planted, model, sanitizer, callback, loader = _setup()
+    saver = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                                        filename="{epoch}")
+    _trainer(tmp_path, [callback, saver]).fit(model, train_dataloaders=loader)
+
+    assert [r["epoch"] for r in sanitizer.history] == [1, 3]
+    assert set(planted) <= set(sanitizer.dropped.tolist())
+    assert len(sanitizer.dropped) <= 0.1 * len(dataset)
+    # Epochs after a round iterate only the kept examples (each once).
+    n = len(dataset)
+    kept_after_first = n - len(sanitizer.history[0]["dropped_now"])
+    assert model.seen == [n, kept_after_first, kept_after_first, len(dataset) - len(sanitizer.dropped),
+                          len(dataset) - len(sanitizer.dropped)]
+
+    # Resume from the end of epoch 2 (after the first round, before the second) in a fresh process state.
+    _, _, model2, sanitizer2, callback2, loader2 = _setup()
+    torch.manual_seed(123)  # the global RNG must not matter
+    _trainer(tmp_path / "resumed", [callback2]).fit(model2, train_dataloaders=loader2,
+                                                    ckpt_path=str(tmp_path / "ckpt" / "epoch=2.ckpt"))
+    assert np.array_equal(sanitizer2.dropped, sanitizer.dropped)
+    assert [r["dropped_now"] for r in sanitizer2.history] == [r["dropped_now"] for r in sanitizer.history]
+    for key, value in weights(model).items():
+        assert torch.equal(weights(model2)[key], value), key
+
+
+def test_resume_from_checkpoint_saved_before_the_round(tmp_path):
+    """A checkpoint taken at the end of epoch 0 holds no round; the resumed run runs round 1 itself."""
+    _, _, model, sanitizer, callback, loader = _setup()
+    saver = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                                        filename="{epoch}")
+    _trainer(tmp_path, [callback, saver], max_epochs=3).fit(model, train_dataloaders=loader)
+    state = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)
+    assert [r["epoch"] for r in state["callbacks"]["SanitizerCallback"]["history"]] == []
+
+    _, _, model2, sanitizer2, callback2, loader2 = _setup()
+    _trainer(tmp_path / "r", [callback2], max_epochs=3).fit(model2, train_dataloaders=loader2,
+                                                           ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert np.array_equal(sanitizer2.dropped, sanitizer.dropped)
+    for key, value in weights(model).items():
+        assert torch.equal(weights(model2)[key], value), key
+
+
+def test_requires_reloading_the_train_loader(tmp_path):
+    _, _, model, _, callback, loader = _setup()
+    with pytest.raises(SanitizerError, match="reload_dataloaders_every_n_epochs=1"):
+        _trainer(tmp_path, [callback], reload_dataloaders_every_n_epochs=0).fit(model, train_dataloaders=loader)
+
+
+def test_refuses_a_loader_that_is_not_wrapped(tmp_path):
+    dataset, _, model, _, callback, _ = _setup()
+    plain = DataLoader(dataset, batch_size=32, shuffle=True)
+    with pytest.raises(SanitizerError, match="does not draw from the sanitizer"):
+        _trainer(tmp_path, [callback]).fit(model, train_dataloaders=plain)
+
+
+def test_refuses_a_sanitizer_built_on_another_model(tmp_path):
+    dataset, _ = planted_dataset()
+    callback = SanitizerCallback(Sanitizer(LitClassifier(), dataset, warmup=1))
+    loader = callback.wrap(DataLoader(dataset, batch_size=32))
+    with pytest.raises(SanitizerError, match="different model"):
+        _trainer(tmp_path, [callback]).fit(LitClassifier(), train_dataloaders=loader)
+
+
+def test_refuses_mismatched_length_and_iterable_datasets():
+    dataset, _, _, _, callback, _ = _setup()
+    other, _ = planted_dataset(per_class=50)
+    with pytest.raises(SanitizerError, match="examples but the sanitizer was built on"):
+        callback.wrap(DataLoader(other, batch_size=32))
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(SanitizerError, match="map-style dataset"):
+        callback.wrap(DataLoader(Stream(), batch_size=32))
+
+
+def test_mismatched_checkpoint_is_refused():
+    _, _, _, sanitizer, callback, _ = _setup()
+    state = callback.state_dict()
+    other, _ = planted_dataset(per_class=50)
+    with pytest.raises(SanitizerError, match="dataset of 300 examples"):
+        SanitizerCallback(Sanitizer(LitClassifier(), other)).load_state_dict(state)
