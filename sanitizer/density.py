@@ -38,7 +38,7 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 200_000,
+def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 50_000,
         nprobe: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances and indices of the ``k`` nearest *other* points of each row of ``x``.
 
