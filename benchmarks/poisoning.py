@@ -1,0 +1,373 @@
+"""The poisoning benchmark: every defense trains on the same poisoned sets, seeds and recipe.
+
+Per trial (seed = ``--seed-start`` + trial): draw a target test image and an adversarial class,
+craft the poisons once (cached under ``--cache-dir``), then train one victim per defense. All
+defenses train identically until the first sanitization round, so that prefix is trained once
+per trial and every defense branches from a deep copy of the model, optimizer and scheduler.
+Each victim appends one JSON line to ``--out`` as soon as it finishes; a rerun skips the
+(trial, defense) pairs already there. The summary table and plots come from
+``benchmarks.report``.
+
+Example::
+
+    python -m benchmarks.poisoning --preset cifar10-transfer --data-root ../shared/data/cifar10 \\
+        --attack bullseye_polytope --trials 100 \\
+        --defenses none,density,epic-0.1,epic-0.2,deep_knn,spectral,activation_clustering,random \\
+        --out benchmarks/results/transfer_bp.jsonl
+
+Defenses: a policy name (``none``, ``density``, ``epic-0.1``, ``deep_knn``, ...) optionally with
+options, ``density:k=50:threshold=2.5``. ``random`` drops, at each round, as many examples as the
+first ``density`` defense of the same trial dropped at that round. The one-shot baselines
+(``deep_knn``, ``spectral``, ``activation_clustering``) run once, at the first round epoch, on
+the same model as ours; ``density`` and ``epic`` run every round of the preset's schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.presets import PRESETS, Preset, Setting, VictimData, get_preset, make_setting
+from sanitizer.attacks import PoisonSet, make_attack
+from sanitizer.attacks.base import _ATTACKS
+from sanitizer.core import Sanitizer
+from sanitizer.policies import Policy, Selection, make_policy
+from sanitizer.progress import log, progress
+from sanitizer.train import continue_training, predict_proba
+
+ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
+NEVER = 10**9
+
+
+# ------------------------------------------------------------------------------------------------
+# Defenses
+# ------------------------------------------------------------------------------------------------
+
+def parse_defense(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"density:k=50:threshold=2.5"`` → ``("density", {"k": 50, "threshold": 2.5})``."""
+    name, *parts = spec.split(":")
+    options = {}
+    for part in parts:
+        if "=" not in part:
+            raise SystemExit(f"bad defense option {part!r} in {spec!r}; write name:key=value")
+        key, raw = part.split("=", 1)
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return name, options
+
+
+class MatchedRandomPolicy(Policy):
+    """Drops, at round r, ``counts[r]`` uniformly random examples (0 once the counts run out)."""
+
+    name = "random"
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = list(counts)
+        self.calls = 0
+
+    def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
+        n = len(labels)
+        m = min(self.counts[self.calls], n) if self.calls < len(self.counts) else 0
+        self.calls += 1
+        keep = np.ones(n, dtype=bool)
+        keep[np.random.default_rng(seed).choice(n, m, replace=False)] = False
+        return Selection(keep, (~keep).astype(float), {"dropped": m})
+
+
+def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) -> tuple[Policy, dict]:
+    """The policy object for a defense spec, with the preset's defaults for the baselines.
+
+    The option ``embedding=`` (e.g. ``density:embedding=logits``) goes to the Sanitizer, not the policy.
+    """
+    name, options = parse_defense(spec)
+    options.pop("embedding", None)
+    if name == "random":
+        if matched_counts is None:
+            raise SystemExit("the random control drops as many as density in the same trial: "
+                             "list a density defense before random")
+        return MatchedRandomPolicy(matched_counts), {"matched_counts": matched_counts}
+    if name == "deep_knn":
+        options.setdefault("budget", preset.budget)          # k = 2 × budget
+    if name == "spectral":
+        options.setdefault("budget", preset.budget)          # drop 1.5 × budget per class
+    return make_policy(name, **options), options
+
+
+def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
+    name, _ = parse_defense(spec)
+    if name == "none":
+        return {"warmup": NEVER, "every": 1, "stop_epoch": None}
+    if name in ONE_SHOT:
+        return {"warmup": preset.warmup, "every": 1, "stop_epoch": preset.warmup}
+    return {"warmup": preset.warmup, "every": preset.every, "stop_epoch": preset.stop_epoch}
+
+
+# ------------------------------------------------------------------------------------------------
+# One trial
+# ------------------------------------------------------------------------------------------------
+
+def draw_trial(setting: Setting, seed: int) -> tuple[int, int]:
+    """(target test index, adversarial class) drawn from the trial seed."""
+    rng = np.random.default_rng(seed)
+    target_index = int(rng.integers(len(setting.test_set)))
+    true = int(setting.test_set.labels[target_index])
+    classes = [c for c in range(setting.test_set.num_classes) if c != true]
+    return target_index, int(rng.choice(classes))
+
+
+def attack_params(attack: str, preset: Preset) -> dict[str, Any]:
+    """Constructor arguments: the preset's budget and eps where the attack takes them, plus its options."""
+    if attack not in _ATTACKS:
+        raise SystemExit(f"unknown attack {attack!r}; available: {', '.join(sorted(_ATTACKS))}")
+    accepted = inspect.signature(_ATTACKS[attack].__init__).parameters
+    params = {k: v for k, v in {"budget": preset.budget, "eps": preset.eps}.items() if k in accepted}
+    params.update(preset.attack_options.get(attack, {}))
+    return params
+
+
+def craft(setting: Setting, attack: str, seed: int, target_index: int, adversarial_class: int,
+          cache_dir: Path) -> tuple[PoisonSet, float]:
+    """The trial's poisons, crafted once and cached as ``.npz`` (no pickle) for resumed runs."""
+    params = attack_params(attack, setting.preset)
+    key = json.dumps(params, sort_keys=True, default=str)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    tag = f"{setting.preset.name}_{attack}_s{seed}_t{target_index}_a{adversarial_class}_{digest}"
+    path = cache_dir / "poisons" / f"{tag}.npz"
+    if path.exists():
+        poisons = PoisonSet.load(path)
+        return poisons, float(poisons.params.get("harness_craft_seconds", 0.0))
+    t0 = time.perf_counter()
+    poisons = make_attack(attack, **params).craft(
+        setting.craft_set, surrogate=setting.surrogate_for(attack), test_set=setting.test_set,
+        target_index=target_index, adversarial_class=adversarial_class, seed=seed)
+    seconds = time.perf_counter() - t0
+    poisons.params["harness_craft_seconds"] = seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    poisons.save(path)
+    return poisons, seconds
+
+
+def make_optimizer(model: torch.nn.Module, config) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    milestones = [int(round(m * config.epochs)) for m in config.milestones]
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+
+
+def branch(model, optimizer, scheduler, config):
+    """Independent copies of a model and its optimizer and scheduler state."""
+    model2 = copy.deepcopy(model)
+    opt2, sched2 = make_optimizer(model2, config)
+    opt2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    sched2.load_state_dict(copy.deepcopy(scheduler.state_dict()))
+    return model2, opt2, sched2
+
+
+def evaluate(model, data: VictimData, adversarial_class: int) -> dict[str, Any]:
+    target_probs = predict_proba(model, data.target_input)[0]
+    test_probs = predict_proba(model, data.test.images)
+    return {"target_hit": bool(int(target_probs.argmax()) == adversarial_class),
+            "target_adv_prob": float(target_probs[adversarial_class]),
+            "target_pred": int(target_probs.argmax()),
+            "clean_accuracy": float((test_probs.argmax(1) == data.test.labels).float().mean())}
+
+
+def detection(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, Any]:
+    dropped = sanitizer.dropped
+    hits = int(is_poison[dropped].sum())
+    n_poison = int(is_poison.sum())
+    return {"dropped": int(len(dropped)), "poisons_dropped": hits,
+            "recall": hits / n_poison if n_poison else None,
+            "precision": hits / len(dropped) if len(dropped) else None,
+            "clean_dropped": int(len(dropped) - hits),
+            "dropped_per_round": [len(r["dropped_now"]) for r in sanitizer.history],
+            "round_epochs": [r["epoch"] for r in sanitizer.history],
+            "seconds_sanitizer": float(sum(r["seconds_embed"] + r["seconds_select"] for r in sanitizer.history)),
+            "diagnostics": [r["extras"] for r in sanitizer.history if "extras" in r] or None}
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(score of a positive > score of a negative), ties counted half."""
+    if not len(positive) or not len(negative):
+        return None
+    neg = np.sort(negative)
+    below = np.searchsorted(neg, positive, "left")
+    equal = np.searchsorted(neg, positive, "right") - below
+    return float((below + 0.5 * equal).sum() / (len(positive) * len(negative)))
+
+
+def score_diagnostics(is_poison: np.ndarray, adversarial_class: int):
+    """A round hook recording how the policy's scores separate the poisons (for tuning runs)."""
+    def hook(sanitizer, epoch, candidates, emb, selection):
+        scores, poison = selection.scores, is_poison[candidates]
+        in_adv = sanitizer.labels[candidates] == adversarial_class
+        return {"auroc_all": auroc(scores[poison], scores[~poison]),
+                "auroc_in_class": auroc(scores[poison & in_adv], scores[~poison & in_adv]),
+                "poison_score_median": float(np.median(scores[poison])) if poison.any() else None,
+                "clean_score_p95": float(np.percentile(scores[~poison], 95))}
+    return hook
+
+
+def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: list[str], done: dict[str, dict],
+              cache_dir: Path, write, diagnostics: bool = False) -> None:
+    """Craft once, train the shared prefix once, then one victim per defense not yet in ``done``."""
+    preset = setting.preset
+    target_index, adv = draw_trial(setting, seed)
+    poisons, craft_seconds = craft(setting, attack, seed, target_index, adv, cache_dir)
+    data = setting.victim_data(poisons, target_index)
+    config = preset.train_config(seed)
+    common = {"preset": preset.name, "attack": attack, "trial": trial, "seed": seed, "target_index": target_index,
+              "target_class": int(setting.test_set.labels[target_index]), "adversarial_class": adv,
+              "budget": int(data.is_poison.sum()), "train_size": len(data.train), "craft_seconds": craft_seconds,
+              "threads": torch.get_num_threads(), "device": str(preset.resolved_device()),
+              "attack_loss_final": poisons.params.get("loss_final")}
+
+    # The shared prefix: epochs [0, warmup) with every example kept (same sampler as the defended runs).
+    prefix_end = min(preset.warmup, config.epochs)
+    model = setting.new_victim(seed)
+    optimizer, scheduler = make_optimizer(model, config)
+    keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
+    t0 = time.perf_counter()
+    continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix")
+    prefix_seconds = time.perf_counter() - t0
+
+    matched: list[int] | None = None
+    for spec in defenses:
+        if parse_defense(spec)[0] == "density" and matched is None:
+            matched = (done[spec]["dropped_per_round"] if spec in done else None)
+        if spec in done:
+            continue
+        policy, options = build_policy(spec, preset, matched)
+        sched = schedule_for(spec, preset)
+        m, opt, sch = branch(model, optimizer, scheduler, config)
+        hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
+        sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
+                              embedding=parse_defense(spec)[1].get("embedding"), **sched)
+        t1 = time.perf_counter()
+        continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec)
+        seconds = prefix_seconds + time.perf_counter() - t1
+        row = {**common, "defense": spec, "policy_options": options, "schedule": sched,
+               **evaluate(m, data, adv), **detection(sanitizer, data.is_poison),
+               "seconds": seconds, "seconds_prefix": prefix_seconds}
+        write(row)
+        done[spec] = row
+        if parse_defense(spec)[0] == "density" and matched is None:
+            matched = row["dropped_per_round"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def read_done(path: Path) -> dict[tuple[int, str], dict]:
+    """Finished (trial, defense) pairs of a JSONL results file (a torn last line is ignored)."""
+    done: dict[tuple[int, str], dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("kind") == "victim":
+                done[(int(row["trial"]), row["defense"])] = row
+    return done
+
+
+def check_same_run(out: Path, preset: Preset, attack: str, seed_start: int) -> None:
+    """Refuse to resume into a file written by a different preset, attack or seed range."""
+    if not out.exists():
+        return
+    for line in out.read_text().splitlines():
+        try:
+            head = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if head.get("kind") != "run":
+            continue
+        theirs = (head["preset"]["name"], head["attack"], head["seed_start"])
+        if theirs != (preset.name, attack, seed_start):
+            raise SystemExit(f"{out} holds preset/attack/seed-start {theirs}, not "
+                             f"{(preset.name, attack, seed_start)}; write to another --out file")
+        return
+
+
+def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path, data_root: str,
+        cache_dir: Path, seed_start: int = 0, trial_start: int = 0, diagnostics: bool = False) -> Path:
+    """Run (or resume) the benchmark and return the results file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_same_run(out, preset, attack, seed_start)
+    done = read_done(out)
+    todo = [t for t in range(trial_start, trial_start + trials) if any((t, d) not in done for d in defenses)]
+    if not todo:
+        log(f"[poisoning] all {trials} trials × {len(defenses)} defenses already in {out}")
+        return out
+    setting = make_setting(preset, data_root, cache_dir)
+    torn = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
+    with out.open("a") as f:
+        if torn:  # an interrupted write left half a line: end it so the next row starts clean
+            f.write("\n")
+
+        def write(row: dict) -> None:
+            f.write(json.dumps({"kind": "victim", **row}) + "\n")
+            f.flush()
+
+        if not done:
+            f.write(json.dumps({"kind": "run", "preset": asdict(preset), "attack": attack, "defenses": defenses,
+                                "seed_start": seed_start, "setting": setting.info,
+                                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "date": time.strftime("%Y-%m-%d")}, default=str) + "\n")
+            f.flush()
+        for trial in progress(todo, desc=f"{preset.name}/{attack}"):
+            trial_done = {d: done[(trial, d)] for d in defenses if (trial, d) in done}
+            run_trial(setting, attack, trial, seed_start + trial, defenses, trial_done, cache_dir, write,
+                      diagnostics)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Poisoning benchmark: every defense on the same poisoned sets.")
+    parser.add_argument("--preset", default="cifar10-transfer", choices=sorted(PRESETS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a preset field, e.g. --set epochs=20 --set width=16")
+    parser.add_argument("--data-root", default="../shared/data/cifar10")
+    parser.add_argument("--attack", default="bullseye_polytope")
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--trial-start", type=int, default=0, help="first trial number (seed = seed-start + trial)")
+    parser.add_argument("--seed-start", type=int, default=0, help="0.. for reported runs; 1000.. for tuning")
+    parser.add_argument("--defenses", default="none,density,epic-0.1,epic-0.2,deep_knn,spectral,"
+                                                "activation_clustering,random")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--cache-dir", default=Path("benchmarks/out"), type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="record per round how well the scores separate poisons (for tuning runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset).with_overrides(args.set)
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    if "none" not in defenses:
+        defenses.insert(0, "none")  # time ratios need undefended training in the same run
+    out = run(preset, args.attack, args.trials, defenses, args.out, args.data_root, args.cache_dir,
+              args.seed_start, args.trial_start, args.diagnostics)
+    if not args.no_report:
+        from benchmarks.report import report
+        print(report(out))
+
+
+if __name__ == "__main__":
+    main()

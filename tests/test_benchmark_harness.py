@@ -1,0 +1,137 @@
+"""The poisoning benchmark harness: a tiny preset end to end, resume, branching, Wilson intervals."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repo root
+
+from benchmarks import poisoning  # noqa: E402
+from benchmarks.presets import LinearHead, get_preset  # noqa: E402
+from benchmarks.report import load_rows, report, summarize, wilson  # noqa: E402
+from sanitizer.core import Sanitizer  # noqa: E402
+from sanitizer.data import ImageTensorDataset  # noqa: E402
+from sanitizer.train import TrainConfig, continue_training  # noqa: E402
+
+DEFENSES = ["none", "density", "random"]
+
+
+def tiny_preset():
+    # digits, a width-4 CNN trained from scratch for 3 epochs; label flips towards the adversarial class.
+    return get_preset("digits-scratch-tiny").with_overrides(["per_class=40", "epochs=3", "warmup=1"])
+
+
+def victim_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kind"] == "victim"]
+
+
+def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, monkeypatch):
+    out, cache = tmp_path / "run.jsonl", tmp_path / "cache"
+    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", cache)
+    rows = victim_rows(out)
+    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted((t, d) for t in range(2) for d in DEFENSES)
+    for trial in range(2):
+        per = {r["defense"]: r for r in rows if r["trial"] == trial}
+        # Same poisoned set and target for every defense of a trial.
+        assert len({(r["target_index"], r["adversarial_class"], r["seed"]) for r in per.values()}) == 1
+        assert per["none"]["dropped"] == 0 and per["none"]["dropped_per_round"] == []
+        # The random control drops as many as density did, round by round.
+        assert per["random"]["dropped_per_round"] == per["density"]["dropped_per_round"]
+        for r in per.values():
+            assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["target_adv_prob"] <= 1
+            assert r["poisons_dropped"] + r["clean_dropped"] == r["dropped"]
+            assert r["seconds"] >= r["seconds_prefix"] > 0
+
+    # Resume: finished pairs are skipped; nothing is crafted or trained again.
+    crafted = []
+    real_craft = poisoning.craft
+    monkeypatch.setattr(poisoning, "craft", lambda *a, **k: crafted.append(a[2]) or real_craft(*a, **k))
+    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", cache)
+    assert len(victim_rows(out)) == 6 and crafted == []
+
+    # An interrupted trial (a torn last line, one defense missing) is completed, the rest untouched.
+    lines = out.read_text().splitlines()
+    kept = [line for line in lines if not (json.loads(line).get("trial") == 1
+                                            and json.loads(line).get("defense") == "random")]
+    out.write_text("\n".join(kept) + '\n{"kind": "victim", "tri')
+    poisoning.run(tiny_preset(), "label_flip", 3, DEFENSES, out, "", cache)
+    rows = [r for _, r in sorted(((r["trial"], r["defense"]), r) for r in load_rows(out)[1])]
+    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted((t, d) for t in range(3) for d in DEFENSES)
+    assert crafted == [1, 2]  # trial 1 re-read from the poison cache, trial 2 crafted
+    again = {r["defense"]: r for r in rows if r["trial"] == 1}
+    assert again["random"]["dropped_per_round"] == again["density"]["dropped_per_round"]
+
+
+def test_report_has_every_defense_and_plots(tmp_path):
+    out = tmp_path / "run.jsonl"
+    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", tmp_path / "cache")
+    text = report(out)
+    for d in DEFENSES:
+        assert f"| {d} | 2 |" in text
+    assert (tmp_path / "run_asr_vs_acc.png").stat().st_size > 1000
+    assert (tmp_path / "run_time_ratio.png").stat().st_size > 1000
+    summary = {s["defense"]: s for s in summarize(load_rows(out)[1])}
+    assert summary["none"]["time_ratio"] == pytest.approx(1.0)
+
+
+def test_branching_from_the_prefix_equals_one_continuous_run():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, 1, 1, generator=gen)
+    y = (x[:, 0, 0, 0] > 0).long() + 2 * (x[:, 1, 0, 0] > 0).long()
+    data = ImageTensorDataset(x, y, None, 4)
+    config = TrainConfig(epochs=6, lr=0.1, batch_size=32, augment=False, milestones=(0.5,), seed=3)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = LinearHead(8, 4)
+        return (model, *poisoning.make_optimizer(model, config))
+
+    model, opt, sched = fresh()
+    continue_training(model, data, config, opt, sched, Sanitizer(model, data, policy="none", warmup=10**9), 0, 6)
+
+    prefix, popt, psched = fresh()
+    continue_training(prefix, data, config, popt, psched, Sanitizer(prefix, data, policy="none", warmup=10**9), 0, 4)
+    branches = []
+    for _ in range(2):  # two branches must not share optimizer state
+        m, o, s = poisoning.branch(prefix, popt, psched, config)
+        continue_training(m, data, config, o, s, Sanitizer(m, data, policy="none", warmup=10**9), 4, 6)
+        branches.append(m)
+    for m in branches:
+        for a, b in zip(model.parameters(), m.parameters()):
+            torch.testing.assert_close(a, b)
+    assert psched.last_epoch == 4  # the prefix itself is untouched
+
+
+def test_wilson_interval_on_known_values():
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1.959964**2 / (10 + 1.959964**2), abs=1e-9)
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.236593, abs=1e-5), pytest.approx(0.763407, abs=1e-5))
+    lo, hi = wilson(81, 263)  # Wikipedia's worked example range: 0.2553 .. 0.3662
+    assert (lo, hi) == (pytest.approx(0.2553, abs=5e-4), pytest.approx(0.3662, abs=5e-4))
+    # Coverage: for p = 0.3, n = 50 the interval holds the truth about 95% of the time.
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(50, 0.3, 4000)
+    covered = np.mean([lo <= 0.3 <= hi for lo, hi in (wilson(int(k), 50) for k in draws)])
+    assert 0.93 < covered < 0.97
+
+
+def test_defense_specs_parse_and_random_needs_density():
+    assert poisoning.parse_defense("density:k=50:threshold=2.5") == ("density", {"k": 50, "threshold": 2.5})
+    preset = tiny_preset()
+    policy, options = poisoning.build_policy("deep_knn", preset, None)
+    assert policy.k == 2 * preset.budget
+    assert poisoning.build_policy("epic-0.2", preset, None)[0].fraction == 0.2
+    with pytest.raises(SystemExit, match="density"):
+        poisoning.build_policy("random", preset, None)
+    assert poisoning.schedule_for("spectral", preset)["stop_epoch"] == preset.warmup
+
+
+def test_auroc_of_scores():
+    assert poisoning.auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert poisoning.auroc(np.array([1.0]), np.array([1.0, 0.0, 2.0])) == pytest.approx(0.5)
+    assert poisoning.auroc(np.array([]), np.array([1.0])) is None
