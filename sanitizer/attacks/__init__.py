@@ -11,6 +11,18 @@ from sanitizer.attacks.base import (
     register_attack,
 )
 
+# isort: split
+from sanitizer.attacks import (  # noqa: E402,F401  (feature-space, indiscriminate and backdoor attacks)
+    adversarial_poisons,
+    badnets,
+    bullseye_polytope,
+    clean_label_backdoor,
+    contrastive,
+    feature_collision,
+    label_flip,
+    secure_release,
+)
+
 __all__ = [
     "Attack",
     "PoisonSet",
