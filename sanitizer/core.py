@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -115,7 +114,7 @@ class Sanitizer:
         self.last_scores: np.ndarray | None = None
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
-        self._samplers: weakref.WeakSet[KeepSampler] = weakref.WeakSet()  # loaders that are gone drop out
+        self._samplers: list[KeepSampler] = []
 
     # -- what is kept ---------------------------------------------------------------------------
     @property
@@ -224,7 +223,7 @@ class Sanitizer:
         s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last,
                         length)
         s.set_epoch(max(self.epoch, 0))
-        self._samplers.add(s)
+        self._samplers.append(s)
         return s
 
     def wrap(self, loader: DataLoader) -> DataLoader:

@@ -140,3 +140,30 @@ def test_mismatched_checkpoint_is_refused():
     other, _ = planted_dataset(per_class=50)
     with pytest.raises(SanitizerError, match="dataset of 300 examples"):
         SanitizerCallback(Sanitizer(LitClassifier(), other)).load_state_dict(state)
+
+
+class _RecordRanks(L.Callback):
+    """Each rank writes its keep mask and per-epoch example counts (ddp_spawn returns no callback state)."""
+
+    def __init__(self, sanitizer: Sanitizer, out_dir: str) -> None:
+        self.sanitizer, self.out_dir = sanitizer, out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"keep": torch.from_numpy(self.sanitizer.keep.copy()), "seen": torch.tensor(pl_module.seen),
+                    "rounds": torch.tensor([r["epoch"] for r in self.sanitizer.history])},
+                   f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_share_one_keep_mask(tmp_path):
+    dataset, planted, model, sanitizer, callback, loader = _setup()
+    trainer = _trainer(tmp_path, [callback, _RecordRanks(sanitizer, str(tmp_path))], max_epochs=4,
+                       strategy="ddp_spawn", devices=2, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=loader)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["keep"], ranks[1]["keep"])
+    assert ranks[0]["rounds"].tolist() == [1, 3]
+    dropped = np.flatnonzero(~ranks[0]["keep"].numpy())
+    assert set(planted) <= set(dropped.tolist())
+    # Lightning's DistributedSamplerWrapper splits the kept set evenly: equal counts on both ranks.
+    assert torch.equal(ranks[0]["seen"], ranks[1]["seen"])
+    assert ranks[0]["seen"][-1] == -(-(len(dataset) - len(dropped)) // 2)
