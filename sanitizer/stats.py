@@ -1,0 +1,31 @@
+"""Small statistics helpers shared by the demo, the benchmarks and the certificate."""
+
+from __future__ import annotations
+
+import math
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval for a proportion (``(0, 1)`` when there are no trials).
+
+    Example:
+        >>> lo, hi = wilson_interval(5, 10)
+        >>> round(lo, 3), round(hi, 3)
+        (0.237, 0.763)
+    """
+    if trials <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes={successes} must lie in [0, trials={trials}]")
+    p = successes / trials
+    denom = 1 + z * z / trials
+    center = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def format_rate(successes: int, trials: int) -> str:
+    """``"3/10 = 30% [11–60%]"``: a proportion with its trial count and Wilson 95% interval."""
+    lo, hi = wilson_interval(successes, trials)
+    pct = 100 * successes / trials if trials else float("nan")
+    return f"{successes}/{trials} = {pct:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%]"
