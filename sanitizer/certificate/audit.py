@@ -169,8 +169,8 @@ def verify_certificate(cert: dict[str, Any], dataset: Dataset | None = None) -> 
         result.problems.append("the seal does not match the certificate (a section outside the rounds "
                                "was edited)")
     result.checked.append("seal")
-    result.problems += _consistency(audit)
-    result.checked.append("consistency of rounds and totals")
+    result.problems += _consistency(audit) + _section_consistency(cert)
+    result.checked.append("consistency of rounds, totals and summaries")
     if dataset is not None:
         recorded, actual = audit["dataset"], dataset_fingerprint(dataset)
         if actual["fingerprint"] != recorded["fingerprint"]:
@@ -199,4 +199,33 @@ def _consistency(audit: dict[str, Any]) -> list[str]:
             problems.append(f"round {i}: per-class drops sum to {per_class_now}, dropped_now lists {len(now)}")
     if sorted(dropped) != audit["dropped"]:
         problems.append("the list of dropped examples does not follow from the rounds")
+    return problems
+
+
+def _section_consistency(cert: dict[str, Any]) -> list[str]:
+    """Summaries that must follow from the recorded numbers: the bound's maxima and every rate."""
+    from sanitizer.certificate.robustness import wilson_interval
+
+    problems = []
+    bound = cert.get("bound")
+    if bound is not None:
+        rhos = [r.get("extras", {}).get("bound", {}).get("rho") for r in cert["audit"]["rounds"]]
+        if None in rhos or not rhos or not math.isclose(max(rhos), bound["max_rho"], rel_tol=1e-12):
+            problems.append("bound.max_rho does not follow from the rounds")
+    for attack in (cert.get("robustness") or {}).get("attacks", []):
+        rates = [attack[arm][k] for arm in ("undefended", "sanitized") for k in ("attack_success", "clean_accuracy")]
+        for r in rates + [attack.get("poisons_dropped")]:
+            if r is None:
+                continue
+            expected = wilson_interval(r["successes"], r["trials"])
+            if r["successes"] > r["trials"] or (r["trials"] and not math.isclose(
+                    r["rate"], r["successes"] / r["trials"])) or (expected is None) != (r["wilson95"] is None) \
+                    or (expected and not all(math.isclose(a, b, abs_tol=1e-12)
+                                             for a, b in zip(expected, r["wilson95"]))):
+                problems.append(f"robustness of {attack['attack']}: a rate or interval does not follow from its "
+                                "successes and trials")
+                break
+    part = cert.get("partition")
+    if part is not None and len(part["radii"]) != part["test_size"]:
+        problems.append("partition: the number of radii is not the test size")
     return problems

@@ -81,7 +81,8 @@ def fig_rounds(cert: dict, out_dir: Path):
     ax1.set_xticks(range(len(rounds)), [f"r{r['round']}\nep {e}" for r, e in zip(rounds, epochs)])
     ax1.set_ylabel("examples dropped in the round")
     ax1.set_title("Drops per round, by class")
-    ax1.legend(fontsize=7, ncol=2, loc="upper right")
+    ax1.set_ylim(0, max(1.0, float(bottom.max())) * 1.45)  # room for the legend above the bars
+    ax1.legend(fontsize=7, ncol=5, loc="upper center")
     size = cert["audit"]["dataset"]["size"]
     ax2.plot(epochs, [size - r["dropped_total"] for r in rounds], "o-", color="#1f5fa8")
     ax2.set_xticks(epochs)
@@ -102,7 +103,13 @@ def fig_scores(view: dict, cert: dict, out_dir: Path):
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.3 * rows + 0.6), squeeze=False)
     threshold = cert["audit"]["configuration"]["policy_options"].get("threshold")
     finite = scores[np.isfinite(scores)]
-    bins = np.linspace(finite.min(), finite.max(), 30) if len(finite) and finite.min() < finite.max() else 10
+    # Very dense (strongly negative) outliers would squeeze the informative right tail: clip the left.
+    low = float(np.percentile(finite, 1)) if len(finite) else 0.0
+    high = float(finite.max()) if len(finite) else 1.0
+    if threshold is not None:
+        low, high = min(low, float(threshold)), max(high, float(threshold))
+    bins = np.linspace(low, high, 30) if high > low else 10
+    scores = np.clip(scores, low, high)
     for ax, c in zip(axes.flat, classes):
         in_c = labels == c
         ax.hist([scores[in_c & ~dropped], scores[in_c & dropped]], bins=bins, stacked=True,
@@ -193,7 +200,6 @@ def fig_bound(cert: dict, out_dir: Path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
     ax1.plot(epochs, [s["rho"] for s in stats], "o-", label="ρ (whole set vs kept)")
     ax1.plot(epochs, [s["rho_round"] or 0 for s in stats], "s--", label="ρ of this round's drops")
-    ax1.plot(epochs, [s["grad_norm"] for s in stats], "^:", color="gray", label="‖∇L‖")
     ax1.set_xlabel("epoch of the round")
     ax1.set_title("Gradient change caused by the drops (last layer)")
     ax1.legend(fontsize=8)
@@ -277,13 +283,13 @@ def _fmt(v, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(
         f"<td class='num'>{_fmt(c)}</td>" if isinstance(c, (int, float)) and not isinstance(c, bool)
         else f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>" for c in row) + "</tr>"
         for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _rate(r: dict) -> str:
@@ -343,7 +349,9 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         ["Fingerprint", f"<code>{ds['fingerprint']}</code>"],
         ["Policy", f"{cfg['policy']} ({', '.join(f'{k}={v}' for k, v in cfg['policy_options'].items())}), "
                    f"embedding {cfg['embedding']}"],
-        ["Schedule", f"warm-up {cfg['warmup']}, every {cfg['every']} epochs, stop {cfg['stop_epoch']}"],
+        ["Schedule", f"rounds from epoch {cfg['warmup']}, every {cfg['every']} epochs"
+                     + (f", until epoch {cfg['stop_epoch']}" if cfg["stop_epoch"] is not None else "")
+                     + ("" if cfg["cumulative"] else ", drops not cumulative")],
         ["Rounds", str(len(audit["rounds"]))],
         ["Dropped", f"{len(dropped)} examples ({len(dropped) / ds['size']:.2%})"],
     ]
@@ -352,7 +360,7 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         summary.append(["Known poisons", f"{caught} of {len(poison_set)} dropped; "
                                          f"{len(dropped) - caught} clean examples dropped"])
     summary.append(["Seal", f"<code>{cert['seal']['hash']}</code>"])
-    parts.append(_table(["", ""], summary))
+    parts.append(_table(None, summary))
     parts.append("<p class='muted'>Check it with <code>sanitizer verify cert.json</code> (add <code>--data</code> "
                  "to check the dataset fingerprint). The hash chain shows edits relative to the seal above; "
                  "publish the seal somewhere the certificate's holder cannot change.</p>")

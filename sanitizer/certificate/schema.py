@@ -53,12 +53,16 @@ def _check(value: Any, schema: dict[str, Any], root: dict[str, Any], path: str, 
             raise ValueError(f"unsupported $ref {ref}")
         _check(value, root["$defs"][ref.split("/")[-1]], root, path, errors)
     if "oneOf" in schema:
-        matches = 0
+        found = []
         for option in schema["oneOf"]:
             sub: list[str] = []
             _check(value, option, root, path, sub)
-            matches += not sub
-        if matches != 1:
+            found.append(sub)
+        matches = sum(not sub for sub in found)
+        if matches == 0:  # report the problems of the closest form (e.g. the object, not the null)
+            same_type = [sub for sub in found if not any(e.startswith(f"{path}: expected ") for e in sub)]
+            errors.extend(min(same_type or found, key=len))
+        elif matches > 1:
             errors.append(f"{path}: matches {matches} of the allowed forms, expected exactly 1")
         return
     if "const" in schema and value != schema["const"]:
