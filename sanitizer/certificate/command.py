@@ -41,7 +41,9 @@ def register(subparsers) -> None:
                    help="training examples per class in the robustness proxy (default: all used)")
     p.add_argument("--proxy-epochs", type=int, default=None, help="epochs of each proxy run (default: --epochs)")
     p.add_argument("--partitions", type=int, default=0, help="k > 0 adds a partition-aggregation certificate")
-    p.add_argument("--partition-epochs", type=int, default=None)
+    p.add_argument("--partition-epochs", type=int, default=None,
+                   help="epochs per part model (default: --epochs); parts are k times smaller, so they usually "
+                        "need more epochs to train")
     p.add_argument("--out", default="certificate/cert.json", help="certificate JSON path")
     p.add_argument("--report-dir", default=None, help="report folder (default: beside the certificate)")
     p.set_defaults(handler=run_certify)

@@ -94,7 +94,7 @@ def fig_rounds(cert: dict, out_dir: Path):
     return _save(fig, out_dir, "rounds.png")
 
 
-def fig_scores(view: dict, cert: dict, out_dir: Path):
+def fig_scores(view: dict, cert: dict, out_dir: Path, poison_set: set[int] | None = None):
     plt = _plt()
     labels, scores, dropped = view["labels"], view["scores"], view["dropped"]
     classes = np.unique(labels)
@@ -114,16 +114,28 @@ def fig_scores(view: dict, cert: dict, out_dir: Path):
         in_c = labels == c
         ax.hist([scores[in_c & ~dropped], scores[in_c & dropped]], bins=bins, stacked=True,
                 color=["#8aa6c8", "#d62728"], label=["kept", "dropped"])
+        poisons = in_c & np.isin(view["index"], list(poison_set or ()))
+        if poisons.any():
+            ax.hist(scores[poisons], bins=bins, histtype="step", color="black", lw=1.2, label="known poison")
         if threshold is not None:
             ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
         ax.set_title(f"class {c}  ({int(in_c.sum())} ex., {int((in_c & dropped).sum())} dropped)", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(classes):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#8aa6c8", label="kept"), Patch(color="#d62728", label="dropped")]
+    if poison_set and np.isin(view["index"], list(poison_set)).any():
+        handles.append(Patch(facecolor="none", edgecolor="black", label="known poison"))
+    if threshold is not None:
+        handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"threshold {threshold:g}"))
     fig.suptitle(f"Isolation scores in round {view['round']} (epoch {view['epoch']}); higher = more isolated",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.955))
     return _save(fig, out_dir, "scores.png")
 
 
@@ -263,13 +275,13 @@ def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None)
         r = recorder.rounds[i]
         cand = r["candidates"]
         rows = r["projection_rows"]
-        return {"round": i, "epoch": r["epoch"], "labels": labels[cand], "scores": r["scores"],
+        return {"round": i, "epoch": r["epoch"], "index": cand, "labels": labels[cand], "scores": r["scores"],
                 "dropped": ~r["kept"], "projection": r["projection"], "projection_index": cand[rows],
                 "projection_labels": labels[cand[rows]], "projection_dropped": ~r["kept"][rows],
                 "explained": r.get("explained"), "sampled": len(rows) < len(cand)}
     if fallback_scores is not None and np.isfinite(fallback_scores).any():
         cand = np.flatnonzero(np.isfinite(fallback_scores))
-        return {"round": "last", "epoch": "?", "labels": labels[cand], "scores": fallback_scores[cand],
+        return {"round": "last", "epoch": "?", "index": cand, "labels": labels[cand], "scores": fallback_scores[cand],
                 "dropped": np.zeros(len(cand), dtype=bool), "projection": None}
     return None
 
@@ -327,7 +339,7 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         add("rounds", "drops per round and kept examples", fig_rounds(cert, out))
     view = round_view(recorder, labels, last_scores) if labels is not None else None
     if view is not None:
-        add("scores", "isolation score histograms", fig_scores(view, cert, out))
+        add("scores", "isolation score histograms", fig_scores(view, cert, out, poison_set))
         if view.get("projection") is not None:
             add("projection", "PCA projection of gradient embeddings", fig_projection(view, poison_set, out))
     if labels is not None:

@@ -16,7 +16,6 @@ This is a measurement on a proxy, not a proof.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sanitizer import stats
 from sanitizer.attacks import available_attacks, make_attack
 from sanitizer.data.tensors import ImageTensorDataset, subset_by_class
 from sanitizer.progress import log
@@ -33,19 +33,13 @@ LABEL = "proxy run: measured attack success on a subset with the same model and 
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float] | None:
-    """Wilson score interval of a proportion (95% by default); None without trials.
+    """Wilson score interval of a proportion (95% by default), or None without trials.
 
     Example:
         >>> [round(v, 3) for v in wilson_interval(5, 10)]
         [0.237, 0.763]
     """
-    if trials <= 0:
-        return None
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return stats.wilson_interval(successes, trials, z) if trials > 0 else None
 
 
 def rate(successes: int, trials: int) -> dict[str, Any]:
