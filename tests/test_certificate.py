@@ -352,3 +352,28 @@ def test_header_hash_covers_configuration(run):
     header = header_of(run["cert"])
     assert run["cert"]["audit"]["genesis_hash"] == sha256_of(header)
     assert "configuration" in header["audit"] and "dataset" in header["audit"]
+
+
+def test_certify_and_verify_commands_on_a_poisoned_subset(tmp_path, capsys):
+    if "label_flip" not in available_attacks():
+        pytest.skip("label_flip is not registered")
+    train, _ = load_digits_split()
+    poison_file = tmp_path / "poisons.npz"
+    make_attack("label_flip", budget=60).craft(train, seed=1).save(poison_file)
+    parser = argparse.ArgumentParser()
+    cert_command.register(parser.add_subparsers())
+    out = tmp_path / "run" / "cert.json"
+    args = parser.parse_args(["certify", "--data", "digits", "--subset-per-class", "20", "--width", "4",
+                              "--epochs", "3", "--warmup", "1", "--every", "1", "--poisons", str(poison_file),
+                              "--out", str(out)])
+    assert args.handler(args) == 0
+    cert = json.loads(out.read_text())
+    poisons = cert["audit"]["dataset"]["poison_indices"]
+    assert cert["audit"]["dataset"]["size"] == 200 and 0 < len(poisons) < 60  # poisons inside the subset
+    assert (tmp_path / "run" / "report" / "report.html").exists()
+    verify = parser.parse_args(["verify", str(out), "--data", "digits", "--poisons", str(poison_file)])
+    assert verify.handler(verify) == 0
+    without = parser.parse_args(["verify", str(out), "--data", "digits"])
+    capsys.readouterr()
+    assert without.handler(without) == 2
+    assert "--poisons" in capsys.readouterr().out

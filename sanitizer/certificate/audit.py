@@ -178,8 +178,11 @@ def verify_certificate(cert: dict[str, Any], dataset: Dataset | None = None) -> 
                     if actual[key] != recorded.get(key)]
             if actual["size"] != recorded.get("size"):
                 what.insert(0, f"size ({actual['size']} vs {recorded.get('size')})")
+            hint = (" (the certificate records known poisons: it was made on a poisoned training set, so "
+                    "verify against the same poisoned view, e.g. with --poisons)") if recorded.get("poison_indices") \
+                else ""
             result.problems.append("the dataset does not match the certificate's fingerprint"
-                                   + (f": {', '.join(what)} differ" if what else ""))
+                                   + (f": {', '.join(what)} differ" if what else "") + hint)
         result.checked.append("dataset fingerprint")
     return result
 

@@ -66,7 +66,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None):
-    """``(train, test, poison_set)`` exactly as described by a certificate's ``dataset.source``."""
+    """``(train, test, poison_positions)`` exactly as described by a certificate's ``dataset.source``.
+
+    Poisons (crafted against the whole training set) are applied before the optional per-class
+    subset; ``poison_positions`` are the poisons' indices in the returned training set.
+    """
+    import numpy as np
+
     from sanitizer.attacks import PoisonSet
     from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
 
@@ -77,10 +83,6 @@ def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None
         train, test = load_cifar10(data_root, train=True), load_cifar10(data_root, train=False)
     else:
         raise SanitizerError(f"unknown dataset {name!r}; choose one of {DATASETS}")
-    if source.get("subset_per_class"):
-        idx = torch.from_numpy(subset_by_class(train, source["subset_per_class"], source.get("subset_seed", 0)))
-        train = ImageTensorDataset(train.images[idx], train.labels[idx], None, train.num_classes)
-    poisons = None
     if source.get("poisons_sha256"):
         if poisons_path is None:
             raise SanitizerError("the certificate was made on a poisoned training set; pass the same file with "
@@ -88,10 +90,17 @@ def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None
         if file_sha256(poisons_path) != source["poisons_sha256"]:
             raise SanitizerError(f"{poisons_path} is not the poison file the certificate was made with "
                                  "(its sha256 differs)")
+    is_poison = np.zeros(len(train), dtype=bool)
     if poisons_path is not None:
         poisons = PoisonSet.load(poisons_path)
         train = poisons.apply(train)
-    return train, test, poisons
+        is_poison[poisons.indices] = True
+    if source.get("subset_per_class"):
+        idx = subset_by_class(train, source["subset_per_class"], source.get("subset_seed", 0))
+        train = ImageTensorDataset(train.images[torch.from_numpy(idx)], train.labels[torch.from_numpy(idx)], None,
+                                   train.num_classes)
+        is_poison = is_poison[idx]
+    return train, test, (np.flatnonzero(is_poison) if poisons_path is not None else None)
 
 
 def _policy_options(pairs: list[str]) -> dict[str, Any]:
@@ -116,7 +125,7 @@ def run_certify(args: argparse.Namespace) -> int:
 
     source = {"name": args.data, "subset_per_class": args.subset_per_class, "subset_seed": args.seed,
               "poisons_sha256": file_sha256(args.poisons) if args.poisons else None}
-    train, test, poisons = load_source(source, args.data_root, args.poisons)
+    train, test, poison_positions = load_source(source, args.data_root, args.poisons)
     in_ch, classes = train.images.shape[1], train.num_classes
 
     def factory() -> torch.nn.Module:
@@ -135,7 +144,8 @@ def run_certify(args: argparse.Namespace) -> int:
     attacks = [a for a in args.attacks.split(",") if a]
     if attacks:
         proxy_config = TrainConfig(**{**config.to_dict(), "epochs": args.proxy_epochs or args.epochs})
-        base = train if poisons is None else load_source({**source, "poisons_sha256": None}, args.data_root, None)[0]
+        base = train if args.poisons is None else \
+            load_source({**source, "poisons_sha256": None}, args.data_root, None)[0]
         robustness = measure_robustness(factory, base, test, proxy_config, attacks, args.runs,
                                         args.proxy_per_class, options, args.seed)
     partition = None
@@ -145,7 +155,7 @@ def run_certify(args: argparse.Namespace) -> int:
     out = Path(args.out)
     report_dir = Path(args.report_dir) if args.report_dir else out.parent / "report"
     cert = sanitizer.certificate(out, train_config=config, dataset_source=source,
-                                 poison_indices=poisons.indices if poisons is not None else None,
+                                 poison_indices=poison_positions,
                                  robustness=robustness, partition=partition, report_dir=report_dir,
                                  seeds={"run": args.seed})
     print(f"certificate: {out}\nreport:      {report_dir / 'report.html'}\nseal:        {cert['seal']['hash']}")
@@ -163,7 +173,11 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"FAILED: the certificate was made on {source['name']!r}, not {args.data!r}")
             return 1
         source["name"] = args.data
-        dataset = load_source(source, args.data_root, args.poisons)[0]
+        try:
+            dataset = load_source(source, args.data_root, args.poisons)[0]
+        except (SanitizerError, OSError, ValueError) as exc:
+            print(f"cannot rebuild the dataset: {exc}")
+            return 2
     result = verify_certificate(cert, dataset)
     for item in result.checked:
         print(f"checked: {item}")
