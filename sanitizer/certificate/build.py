@@ -102,7 +102,8 @@ def build_certificate(
 
         ds = sanitizer.embed_dataset
         write_report(cert, report_dir, recorder=find_recorder(sanitizer), images=getattr(ds, "images", None),
-                     labels=sanitizer.labels, poison_indices=poison_indices, last_scores=sanitizer.last_scores)
+                     labels=sanitizer.labels, poison_indices=poison_indices, last_scores=sanitizer.last_scores,
+                     keep=sanitizer.keep)
     return cert
 
 

@@ -268,7 +268,8 @@ def fig_certified(section: dict, out_dir: Path):
 
 
 # -- the view of one round used by the histograms and the projection -------------------------------
-def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None) -> dict[str, Any] | None:
+def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None,
+               keep: np.ndarray | None = None) -> dict[str, Any] | None:
     """The recorded round with the most drops (or the sanitizer's last scores when nothing was recorded)."""
     if recorder is not None and recorder.rounds:
         i = int(np.argmax([(~r["kept"]).sum() for r in recorder.rounds]))
@@ -282,7 +283,8 @@ def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None)
     if fallback_scores is not None and np.isfinite(fallback_scores).any():
         cand = np.flatnonzero(np.isfinite(fallback_scores))
         return {"round": "last", "epoch": "?", "index": cand, "labels": labels[cand], "scores": fallback_scores[cand],
-                "dropped": np.zeros(len(cand), dtype=bool), "projection": None}
+                "dropped": ~np.asarray(keep, dtype=bool)[cand] if keep is not None else np.zeros(len(cand), bool),
+                "projection": None}
     return None
 
 
@@ -318,7 +320,7 @@ def _img(name: str, data: bytes, alt: str) -> str:
 
 def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torch.Tensor | None = None,
                  labels: np.ndarray | None = None, poison_indices=None,
-                 last_scores: np.ndarray | None = None) -> Path:
+                 last_scores: np.ndarray | None = None, keep: np.ndarray | None = None) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; return the HTML path.
 
     Example:
@@ -337,7 +339,9 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
 
     if audit["rounds"]:
         add("rounds", "drops per round and kept examples", fig_rounds(cert, out))
-    view = round_view(recorder, labels, last_scores) if labels is not None else None
+    view = round_view(recorder, labels, last_scores, keep) if labels is not None else None
+    if view is not None and view["round"] == "last" and audit["rounds"]:
+        view["round"], view["epoch"] = audit["rounds"][-1]["round"], audit["rounds"][-1]["epoch"]
     if view is not None:
         add("scores", "isolation score histograms", fig_scores(view, cert, out, poison_set))
         if view.get("projection") is not None:
