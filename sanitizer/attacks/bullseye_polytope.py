@@ -165,9 +165,11 @@ class BullseyePolytope(Attack):
                                      feature_fn(nets[0], self.name), target, device)
                 with torch.no_grad():
                     target_feats = [[f.detach() for f in ext(target[None].to(device))] for ext in extractors]
-            torch.manual_seed(seed)  # dropout draws
             base = train_set.images[torch.from_numpy(bases)].to(device)
-            poisons, seconds = self._optimise(base, extractors, target_feats, nets)
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # seeded dropout draws, caller's RNG untouched
+                torch.manual_seed(seed)
+                poisons, seconds = self._optimise(base, extractors, target_feats, nets)
         finally:
             unfreeze(nets, saved)
             for ext in extractors:
@@ -188,12 +190,14 @@ class BullseyePolytope(Attack):
         return torch.stack(terms).mean()
 
     def _optimise(self, base: torch.Tensor, extractors, target_feats, nets) -> tuple[torch.Tensor, float]:
-        draws = self.dropout_draws if any(has_dropout(n) for n in nets) else 1
+        # Nets with dropout craft with dropout on (each draw a different sub-network), as in the paper.
+        dropout = any(has_dropout(n) for n in nets)
+        draws = self.dropout_draws if dropout else 1
         x = base.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=self.lr)
         self._history = []
         t0 = time.perf_counter()
-        with eval_mode(nets, dropout=draws > 1):
+        with eval_mode(nets, dropout=dropout):
             for _ in progress(range(self.iterations), desc=self.name):
                 loss = self._loss(x, extractors, target_feats, draws)
                 optimizer.zero_grad(set_to_none=True)
