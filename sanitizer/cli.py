@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "sanitizer.demo",
     "sanitizer.certificate.command",
+    "sanitizer.attacks.command",
 )
 
 

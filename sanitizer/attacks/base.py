@@ -125,11 +125,26 @@ class ThreatModel:
     summary: str = ""
 
 
+# The calling convention every bundled attack's ``craft`` follows, so that ``sanitizer attack`` and
+# the benchmarks can drive any registered attack the same way:
+#
+#     attack.craft(train_set, *, surrogate=None, test_set=None, target_index=None,
+#                  adversarial_class=None, source_class=None, seed=0, **kw) -> PoisonSet
+#
+# ``surrogate`` is a trained model (or a list of models, an ensemble) to craft against; attacks
+# that need none ignore it and set ``needs_surrogate = False``. ``target_index`` indexes
+# ``test_set``; when an attack needs a target and none is given it draws one from ``seed``.
+# Arguments an attack does not use are accepted and ignored (``**kw``).
+CRAFT_ARGUMENTS = ("surrogate", "test_set", "target_index", "adversarial_class", "source_class", "seed")
+
+
 class Attack(ABC):
-    """Base class of every bundled attack. Subclasses set ``name`` and ``threat_model`` and implement craft."""
+    """Base class of every bundled attack. Subclasses set ``name`` and ``threat_model`` and implement craft
+    with the calling convention described by :data:`CRAFT_ARGUMENTS`."""
 
     name: str = ""
     threat_model: ThreatModel
+    needs_surrogate: bool = True  # False for attacks that never look at a model (label flips, patches)
 
     @abstractmethod
     def craft(self, train_set: ImageTensorDataset, **kwargs) -> PoisonSet:
@@ -177,4 +192,18 @@ def check_budget(budget: int, available: int, what: str = "the poison class") ->
     if budget > available:
         raise ValueError(f"a budget of {budget} poisons exceeds the {available} examples of {what}; "
                          "lower the budget or choose a larger class")
+    return int(budget)
+
+
+def resolve_budget(budget: int | float, n_train: int) -> int:
+    """A poison budget given as a count (an int ≥ 1) or a fraction of the training set (a float in (0, 1))."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ValueError(f"budget must be a count (e.g. 25) or a fraction of the training set (e.g. 0.01), "
+                         f"got {budget!r}")
+    if isinstance(budget, (float, np.floating)) and not float(budget).is_integer():
+        if not 0 < budget < 1:
+            raise ValueError(f"a fractional budget must lie in (0, 1), got {budget}; pass a count for more")
+        return max(1, int(round(float(budget) * n_train)))
+    if budget < 1:
+        raise ValueError(f"the poison budget must be at least 1 (a count) or a fraction in (0, 1), got {budget}")
     return int(budget)
