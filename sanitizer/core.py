@@ -157,7 +157,7 @@ class Sanitizer:
         t1 = time.perf_counter()
         selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
                                        seed=self.seed * 1_000_003 + epoch)
-        if is_distributed():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
+        if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
             selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
         dropped_now = candidates[~selection.keep]
@@ -182,8 +182,13 @@ class Sanitizer:
                 f"(embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
         return record
 
+    def _sharded(self) -> bool:
+        """Distributed rounds: on under torch.distributed unless a ``gather`` hook is given (pass
+        ``gather=lambda e: e`` for independent per-process sanitizers in one process group)."""
+        return self.gather is None and is_distributed()
+
     def _embed(self, candidates: np.ndarray) -> torch.Tensor:
-        if self.gather is None and is_distributed():
+        if self._sharded():
             return gather_embeddings(self._embed_rows, candidates)
         emb = self._embed_rows(candidates)
         return self.gather(emb) if self.gather is not None else emb
