@@ -44,7 +44,8 @@ def measure(policy: str, n: int, dim: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"policy": policy, "n": n, "dim": dim, "seconds": min(times), "cpu_seconds": min(cpu), "peak_rss_mib": round(peak_mib),
+    return {"policy": policy, "n": n, "dim": dim, "seconds": min(times), "cpu_seconds": min(cpu),
+            "peak_rss_mib": round(peak_mib),
             "dropped": int((~sel.keep).sum())}
 
 
