@@ -338,6 +338,17 @@ def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path
     return out
 
 
+def craft_only(preset: Preset, attack: str, trials: int, data_root: str, cache_dir: Path, seed_start: int = 0,
+               trial_start: int = 0) -> None:
+    """Craft and cache the poisons of trials ``trial_start ..`` without training any victim."""
+    setting = make_setting(preset, data_root, cache_dir)
+    for trial in progress(range(trial_start, trial_start + trials), desc=f"craft {attack}"):
+        seed = seed_start + trial
+        target_index, adv = draw_trial(setting, seed)
+        _, seconds = craft(setting, attack, seed, target_index, adv, cache_dir)
+        log(f"[craft] trial {trial} (seed {seed}): {seconds:.1f}s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Poisoning benchmark: every defense on the same poisoned sets.")
     parser.add_argument("--preset", default="cifar10-transfer", choices=sorted(PRESETS))
@@ -353,12 +364,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cache-dir", default=Path("benchmarks/out"), type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--craft-only", action="store_true",
+                        help="only craft and cache the trials' poisons (e.g. while tuning runs elsewhere)")
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--diagnostics", action="store_true",
                         help="record per round how well the scores separate poisons (for tuning runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset).with_overrides(args.set)
+    if args.craft_only:
+        craft_only(preset, args.attack, args.trials, args.data_root, args.cache_dir, args.seed_start, args.trial_start)
+        return
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if "none" not in defenses:
         defenses.insert(0, "none")  # time ratios need undefended training in the same run

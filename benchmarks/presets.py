@@ -102,9 +102,9 @@ PRESETS: dict[str, Preset] = {
     # The main CPU source of statistics: linear head on a frozen CompactCNN, 2,500 images, 25 poisons.
     "cifar10-transfer": Preset(
         "cifar10-transfer",
-        attack_options={"bullseye_polytope": {"iterations": 300, "lr": 0.04},
+        attack_options={"bullseye_polytope": {"iterations": 120, "lr": 0.04},
                         "feature_collision": {},
-                        "gradient_matching": {"steps": 100, "restarts": 1, "augment": False}},
+                        "gradient_matching": {"steps": 60, "restarts": 1, "augment": False}},
     ),
     # Gradient matching from scratch on CPU. The regime is being calibrated separately: change it with
     # --set (e.g. --set per_class=500 --set epochs=20 --set model=resnet18 --set width=16).
@@ -133,7 +133,7 @@ PRESETS: dict[str, Preset] = {
     # Seconds-long presets on scikit-learn digits, for tests and smoke runs.
     "digits-transfer-tiny": Preset(
         "digits-transfer-tiny", data="digits", per_class=30, epochs=6, lr=0.1, warmup=2, every=2,
-        stop_epoch=4, budget=6, extractor_width=4, extractor_images=600, extractor_epochs=2,
+        stop_epoch=4, budget=6, extractor_width=8, extractor_images=600, extractor_epochs=10,
         attack_options={"label_flip": {"mode": "towards"}},
     ),
     "digits-scratch-tiny": Preset(

@@ -98,6 +98,27 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(rows: list[dict]) -> str | None:
+    """Mean AUROC of the policy scores (poisons vs clean) per round, for runs made with --diagnostics."""
+    per: dict[str, list[list[dict]]] = defaultdict(list)
+    for row in rows:
+        if row.get("diagnostics"):
+            per[row["defense"]].append(row["diagnostics"])
+    if not per:
+        return None
+    lines = ["| defense | trials | AUROC in adv. class, round 1 | AUROC all, round 1 | AUROC in class, last round |",
+             "|---|---:|---:|---:|---:|"]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return f"{np.mean(values):.3f}" if values else "–"
+
+    for name, runs in per.items():
+        lines.append(f"| {name} | {len(runs)} | {mean(r[0]['auroc_in_class'] for r in runs)} | "
+                     f"{mean(r[0]['auroc_all'] for r in runs)} | {mean(r[-1]['auroc_in_class'] for r in runs)} |")
+    return "\n".join(lines)
+
+
 def plots(summary: list[dict], stem: Path) -> list[Path]:
     """ASR versus clean accuracy per defense, and time ratios; PNG files next to ``stem``."""
     import matplotlib
@@ -147,6 +168,9 @@ def report(path: str | Path, make_plots: bool = True) -> str:
         text.append(f"preset `{p.get('name')}`, attack `{header.get('attack')}`, "
                     f"seeds from {header.get('seed_start')}, {header.get('threads')} thread(s), {header.get('date')}")
     text.append(markdown_table(summary))
+    diag = diagnostics_table(rows)
+    if diag:
+        text.append(diag)
     if make_plots:
         stem = path.with_suffix("")
         text.append("plots: " + ", ".join(str(p) for p in plots(summary, stem)))
