@@ -27,12 +27,12 @@ def digits():
 
 @pytest.fixture(scope="module")
 def small(digits):
-    """200 digits and a 4-wide CNN trained one epoch: enough signal for the objectives to move."""
+    """200 digits and a 4-wide CNN trained six epochs: enough signal for the objectives to move."""
     train, test = digits
     sub = ImageTensorDataset(train.images[:200], train.labels[:200], None, 10)
     torch.manual_seed(0)
     model = CompactCNN(1, 10, width=4)
-    train_classifier(model, sub, TrainConfig(epochs=1, batch_size=32, augment=False, lr=0.05))
+    train_classifier(model, sub, TrainConfig(epochs=6, batch_size=32, augment=False, lr=0.05))
     model.eval()
     return sub, test, model
 
@@ -303,3 +303,17 @@ def test_contrastive_targeted_captions_and_errors():
     via_registry = attack.craft(images, captions=captions, class_names=names, test_set=test, target_index=5,
                                 adversarial_class=0)
     assert len(via_registry) == 3 and via_registry.params["target_index"] == 5
+
+
+def test_secure_release_with_differentiable_augmentation(small):
+    sub, _, model = small
+    runs = []
+    for _ in range(2):
+        attack = make_attack("secure_release", steps=6, fraction=0.1, batch_size=20, augment=True, shift=2)
+        runs.append((attack, attack.craft(sub, surrogate=model, seed=1)))
+    (attack, poisons), (_, again) = runs
+    history = attack.loss_history  # noisy: every step sees a new augmentation
+    assert np.mean(history[-2:]) < np.mean(history[:2]) - 0.02
+    np.testing.assert_array_equal(poisons.images, again.images)  # augmentation draws are seeded
+    original = sub.images[torch.from_numpy(poisons.indices)].numpy()
+    assert np.abs(poisons.images - original).max() <= EPS + 1e-6 and _is_8bit(poisons.images)

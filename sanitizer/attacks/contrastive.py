@@ -237,8 +237,9 @@ class ContrastivePoisoning(Attack):
     """
 
     needs_surrogate = False
-    threat_model = ThreatModel("backdoor / targeted", clean_label=False, setting="from-scratch",
-                               summary="CLIP-style patch backdoor and caption poisoning (Carlini & Terzis 2022)")
+    threat_model = ThreatModel("backdoor", clean_label=False, setting="from-scratch",
+                               summary="CLIP-style patch backdoor (default) or targeted caption poisoning "
+                                       "(mode='targeted_captions'), Carlini & Terzis 2022")
 
     def __init__(self, mode: str = "patch_backdoor", budget: int | float = 0.0001, patch_size: int = 16,
                  trigger_kind: str = "checkerboard", location: str = "random", augment: bool = True) -> None:

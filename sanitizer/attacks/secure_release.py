@@ -27,6 +27,7 @@ from sanitizer.attacks.base import (
     project_linf,
     register_attack,
 )
+from sanitizer.augment import flip_crop
 from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.progress import progress
 
@@ -47,6 +48,8 @@ class SecureRelease(Attack):
     """Indiscriminate gradient-alignment poisoning of a whole dataset, batched.
 
     ``lr`` is the signed-Adam step in pixel units (default 0.4·eps, decayed ×0.1 three times).
+    ``augment=True`` applies a fresh random flip + shift (up to ``shift`` pixels, differentiable) to the
+    released batch at every step, so the alignment survives a victim that trains with augmentation.
 
     Example:
         >>> attack = SecureRelease(eps=8/255, steps=240)
@@ -58,7 +61,7 @@ class SecureRelease(Attack):
                                summary="gradient alignment with a reverse cross-entropy (Fowl et al. 2021)")
 
     def __init__(self, eps: float = 8 / 255, steps: int = 240, lr: float | None = None, batch_size: int = 128,
-                 fraction: float = 1.0) -> None:
+                 fraction: float = 1.0, augment: bool = False, shift: int = 4) -> None:
         self.eps = check_eps(eps)
         self.steps = check_positive_int(steps, "steps")
         self.lr = float(lr) if lr is not None else 0.4 * self.eps
@@ -68,6 +71,9 @@ class SecureRelease(Attack):
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.fraction = float(fraction)
+        self.augment, self.shift = bool(augment), int(shift)
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {shift}")
         self._history: list[float] = []
 
     @property
@@ -85,6 +91,7 @@ class SecureRelease(Attack):
         out = torch.empty((len(indices), *train_set.images.shape[1:]))
         position = {int(i): k for k, i in enumerate(indices)}
         history = np.zeros(self.steps)
+        self._generator = torch.Generator().manual_seed(seed)  # augmentation draws
         t0 = time.perf_counter()
         with eval_mode(nets):
             for start in progress(range(0, len(order), self.batch_size), desc=self.name):
@@ -111,7 +118,10 @@ class SecureRelease(Attack):
         for _ in range(self.steps):
             terms = []
             for n, ps, target in zip(nets, params, targets):
-                g = _flat_grad(F.cross_entropy(n(x + delta), y), ps, True)
+                released = x + delta
+                if self.augment:
+                    released = flip_crop(released, self.shift, self._generator)
+                g = _flat_grad(F.cross_entropy(n(released), y), ps, True)
                 terms.append(1 - F.cosine_similarity(g, target, dim=0))
             loss = torch.stack(terms).mean()
             (grad,) = torch.autograd.grad(loss, delta)
