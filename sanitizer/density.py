@@ -38,7 +38,7 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 50_000,
+def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 30_000,
         nprobe: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances and indices of the ``k`` nearest *other* points of each row of ``x``.
 
@@ -74,10 +74,11 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
     if n <= ivf_threshold:
         index = faiss.IndexFlatL2(d)
     else:
-        nlist = int(4 * np.sqrt(n))
+        # sqrt(n) lists keep k-means training cheap; nprobe lists are searched per query.
+        nlist = int(np.sqrt(n))
         quantizer = faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist)
-        train = x[np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)]
+        train = x[np.random.default_rng(seed).choice(n, min(n, 40 * nlist), replace=False)]
         index.train(train)
         index.nprobe = nprobe
     if gpu:  # pragma: no cover - needs faiss-gpu
