@@ -92,7 +92,7 @@ def load_or_train_extractor(data_root: str | Path, cache_dir: str | Path, spec: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/cifar10")
-    parser.add_argument("--cache-dir", default="benchmarks/out")
+    parser.add_argument("--cache-dir", default="benchmarks/out/cifar10")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

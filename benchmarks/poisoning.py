@@ -29,6 +29,7 @@ import copy
 import hashlib
 import inspect
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -54,10 +55,11 @@ NEVER = 10**9
 # Defenses
 # ------------------------------------------------------------------------------------------------
 
-def parse_defense(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"density:k=50:threshold=2.5"`` → ``("density", {"k": 50, "threshold": 2.5})``."""
+def parse_defense(spec: str, preset: Preset | None = None) -> tuple[str, dict[str, Any]]:
+    """``"density:k=50:threshold=2.5"`` → ``("density", {"k": 50, "threshold": 2.5})``, on top of the
+    preset's ``defense_options`` for that name when a preset is given."""
     name, *parts = spec.split(":")
-    options = {}
+    options = dict(preset.defense_options.get(name, {})) if preset is not None else {}
     for part in parts:
         if "=" not in part:
             raise SystemExit(f"bad defense option {part!r} in {spec!r}; write name:key=value")
@@ -92,7 +94,7 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
 
     The option ``embedding=`` (e.g. ``density:embedding=logits``) goes to the Sanitizer, not the policy.
     """
-    name, options = parse_defense(spec)
+    name, options = parse_defense(spec, preset)
     options.pop("embedding", None)
     if name == "random":
         if matched_counts is None:
@@ -156,7 +158,9 @@ def craft(setting: Setting, attack: str, seed: int, target_index: int, adversari
     seconds = time.perf_counter() - t0
     poisons.params["harness_craft_seconds"] = seconds
     path.parent.mkdir(parents=True, exist_ok=True)
-    poisons.save(path)
+    partial = path.with_name(f"{path.stem}.partial{os.getpid()}.npz")  # atomic: a reader never sees half a file
+    poisons.save(partial)
+    os.replace(partial, path)
     return poisons, seconds
 
 
@@ -255,11 +259,12 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         m, opt, sch = branch(model, optimizer, scheduler, config)
         hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
         sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
-                              embedding=parse_defense(spec)[1].get("embedding"), **sched)
+                              embedding=parse_defense(spec, preset)[1].get("embedding"), **sched)
         t1 = time.perf_counter()
         continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec)
         seconds = prefix_seconds + time.perf_counter() - t1
         row = {**common, "defense": spec, "policy_options": options, "schedule": sched,
+               "embedding": sanitizer.embedding,
                **evaluate(m, data, adv), **detection(sanitizer, data.is_poison),
                "seconds": seconds, "seconds_prefix": prefix_seconds}
         write(row)
@@ -349,6 +354,16 @@ def craft_only(preset: Preset, attack: str, trials: int, data_root: str, cache_d
         log(f"[craft] trial {trial} (seed {seed}): {seconds:.1f}s")
 
 
+def _limit_blas_threads(threads: int) -> None:
+    """numpy/scikit-learn BLAS pools default to every core; on a shared CPU their spin-waiting makes the
+    numpy-based policies (EPIC, spectral, activation clustering) many times slower, so pin them too."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        return
+    threadpool_limits(threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Poisoning benchmark: every defense on the same poisoned sets.")
     parser.add_argument("--preset", default="cifar10-transfer", choices=sorted(PRESETS))
@@ -361,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed-start", type=int, default=0, help="0.. for reported runs; 1000.. for tuning")
     parser.add_argument("--defenses", default="none,density,epic-0.1,epic-0.2,deep_knn,spectral,"
                                                 "activation_clustering,random")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", type=Path, help="results JSONL (required unless --craft-only)")
     parser.add_argument("--cache-dir", default=Path("benchmarks/out"), type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--craft-only", action="store_true",
@@ -371,10 +386,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="record per round how well the scores separate poisons (for tuning runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    _limit_blas_threads(args.threads)
     preset = get_preset(args.preset).with_overrides(args.set)
     if args.craft_only:
         craft_only(preset, args.attack, args.trials, args.data_root, args.cache_dir, args.seed_start, args.trial_start)
         return
+    if args.out is None:
+        raise SystemExit("--out FILE.jsonl is required (the per-victim results are appended there)")
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if "none" not in defenses:
         defenses.insert(0, "none")  # time ratios need undefended training in the same run

@@ -135,3 +135,11 @@ def test_auroc_of_scores():
     assert poisoning.auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert poisoning.auroc(np.array([1.0]), np.array([1.0, 0.0, 2.0])) == pytest.approx(0.5)
     assert poisoning.auroc(np.array([]), np.array([1.0])) is None
+
+
+def test_preset_defense_options_apply_unless_the_spec_overrides_them():
+    preset = tiny_preset().with_overrides(['defense_options={"density": {"k": 40, "embedding": "features"}}'])
+    assert poisoning.parse_defense("density", preset) == ("density", {"k": 40, "embedding": "features"})
+    assert poisoning.parse_defense("density:k=5", preset)[1] == {"k": 5, "embedding": "features"}
+    policy, options = poisoning.build_policy("density", preset, None)
+    assert policy.k == 40 and "embedding" not in options  # the embedding goes to the Sanitizer
