@@ -99,7 +99,10 @@ def trial(args, train, test, seed: int) -> dict:
     train_classifier(victim, poisons.apply(train), config(args, args.victim_epochs, 20_000 + seed), desc="victim")
     t_victim = time.perf_counter() - t2
     outcome = target_outcome(victim, poisons)
-    row = {"seed": seed, "target": target, "true": int(test.labels[target]), "adv": poisons.adversarial_class,
+    # The surrogate is a clean model too (another seed): its P(adv) is a free clean reference.
+    surrogate_adv = float(predict_proba(surrogates[0], test.images[[target]])[0, poisons.adversarial_class])
+    row = {"seed": seed, "target": target, "surrogate_adv_prob": surrogate_adv, "true": int(test.labels[target]),
+           "adv": poisons.adversarial_class,
            "poisons": len(poisons), "success": outcome["success"], "victim_adv_prob": outcome["adv_prob"][0],
            "victim_pred": outcome["predicted"][0], "victim_acc": accuracy(victim, test),
            "craft_loss": min(poisons.params["restart_losses"]), "loss_start": poisons.params["loss_history"][0],
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--victim-epochs", type=int, default=demo["victim"]["epochs"])
     p.add_argument("--lr", type=float, default=demo["victim"]["lr"])
     p.add_argument("--batch-size", type=int, default=demo["victim"]["batch_size"])
-    p.add_argument("--crop-padding", type=int, default=2)
+    p.add_argument("--crop-padding", type=int, default=demo["victim"]["crop_padding"])
     p.add_argument("--no-train-augment", action="store_true")
     p.add_argument("--eps", type=float, default=demo["attack"]["eps"] * 255, help="in 1/255 units")
     p.add_argument("--budget", type=float, default=demo["attack"]["budget"])
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift", type=int, default=demo["attack"]["shift"])
     p.add_argument("--flip", action="store_true", default=demo["attack"]["flip"])
     p.add_argument("--no-craft-augment", action="store_true")
-    p.add_argument("--ensemble", type=int, default=1)
+    p.add_argument("--ensemble", type=int, default=demo["ensemble"])
     p.add_argument("--target-choice", choices=("random", "uncertain"), default=demo["target_choice"])
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--seed0", type=int, default=0)

@@ -254,3 +254,16 @@ def test_metapoison_color_and_margin(data, surrogate):
         rgb_train, surrogate=ensemble, test_set=rgb_test, target_index=0, adversarial_class=1)
     base = rgb_train.images[torch.from_numpy(poisons.indices)].numpy()
     assert np.abs(poisons.images - base).max() <= 8 / 255 + 0.04 + 1e-6
+
+
+def test_cli_drives_attacks_of_the_whole_registry(tmp_path):
+    """The command follows the common craft convention: a model-free attack gets no surrogate."""
+    out = tmp_path / "flip.npz"
+    assert _cli(["attack", "label_flip", "--data", "digits", "--out", str(out), "--budget", "10",
+                 "--per-class", "20"]) == 0
+    poisons = PoisonSet.load(out)
+    assert len(poisons) == 10 and poisons.params["per_class"] == 20
+    from sanitizer.data import load_digits_split
+
+    full, _ = load_digits_split()  # indices were mapped back to the full training set
+    assert np.array_equal(poisons.images, full.images[torch.from_numpy(poisons.indices)].numpy())

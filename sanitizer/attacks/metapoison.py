@@ -165,7 +165,9 @@ class MetaPoison(Attack):
                                                   train_set.labels[pick].to(device), targets, adv, gen)
             loss = loss / len(models)
             total = loss + (self.color_smooth * _smoothness(grid) if grid is not None else 0.0)
-            total.backward()
+            # Differentiate the poison variables only: backward() would also leave .grad on the surrogates.
+            for var, g in zip(variables, torch.autograd.grad(total, variables)):
+                var.grad = g
             optimizer.step()
             with torch.no_grad():
                 d = delta.mul(PIXEL_SCALE).clamp_(-self.eps, self.eps)
