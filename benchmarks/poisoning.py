@@ -16,7 +16,8 @@ Example::
         --out benchmarks/results/transfer_bp.jsonl
 
 Defenses: a policy name (``none``, ``density``, ``epic-0.1``, ``deep_knn``, ...) optionally with
-options, ``density:k=50:threshold=2.5``. ``random`` drops, at each round, as many examples as the
+options, ``density:k=50:threshold=2.5``; ``clean`` is a reference victim trained without the poisons.
+``random`` drops, at each round, as many examples as the
 first ``density`` defense of the same trial dropped at that round. The one-shot baselines
 (``deep_knn``, ``spectral``, ``activation_clustering``) run once, at the first round epoch, on
 the same model as ours; ``density`` and ``epic`` run every round of the preset's schedule.
@@ -248,8 +249,25 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix")
     prefix_seconds = time.perf_counter() - t0
 
+    if "clean" in defenses and "clean" not in done:
+        # Reference, not a defense: the same victim trained without the poisons (an oracle filter at
+        # epoch 0). Its hits are targets the clean model already sends to the adversarial class.
+        m = setting.new_victim(seed)
+        opt, sch = make_optimizer(m, config)
+        oracle = Sanitizer(m, data.train, policy="none", warmup=NEVER, seed=seed)
+        oracle.keep[data.is_poison] = False
+        t1 = time.perf_counter()
+        continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean")
+        row = {**common, "defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None,
+               **evaluate(m, data, adv), **detection(oracle, data.is_poison),
+               "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
+        write(row)
+        done["clean"] = row
+
     matched: list[int] | None = None
     for spec in defenses:
+        if spec == "clean":
+            continue
         if parse_defense(spec)[0] == "density" and matched is None:
             matched = (done[spec]["dropped_per_round"] if spec in done else None)
         if spec in done:

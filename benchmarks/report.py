@@ -74,6 +74,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             "dropped": float(np.mean([r["dropped"] for r in group])),
             "clean_dropped": float(np.mean([r["clean_dropped"] for r in group])),
             "time_ratio": t_def / t_none if t_none > 0 else float("nan"),
+            # Robust to a loaded machine: time inside sanitization rounds over the rest of the same run.
+            "round_overhead": float(np.mean([r.get("seconds_sanitizer", 0.0) /
+                                             max(r["seconds"] - r.get("seconds_sanitizer", 0.0), 1e-9)
+                                             for r in group])),
             "seconds": float(np.mean([r["seconds"] for r in group])),
         })
     return out
@@ -82,8 +86,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown_table(summary: list[dict]) -> str:
     lines = [
         "| defense | trials | ASR | Wilson 95% | adv. prob. | clean acc. % (mean ± std) | Δ acc. vs none | "
-        "recall | precision | dropped | clean dropped | time ratio |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "recall | precision | dropped | clean dropped | time ratio | round overhead |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(v, spec=".2f"):
@@ -94,7 +98,8 @@ def markdown_table(summary: list[dict]) -> str:
             f"| {s['defense']} | {s['trials']} | {s['hits']}/{s['trials']} = {100 * s['asr']:.1f}% | "
             f"[{100 * s['asr_lo']:.1f}, {100 * s['asr_hi']:.1f}] | {s['adv_prob_mean']:.3f} | "
             f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {fmt(s['acc_delta'], '+.2f')} | {fmt(s['recall'])} | "
-            f"{fmt(s['precision'])} | {s['dropped']:.1f} | {s['clean_dropped']:.1f} | {fmt(s['time_ratio'])} |")
+            f"{fmt(s['precision'])} | {s['dropped']:.1f} | {s['clean_dropped']:.1f} | {fmt(s['time_ratio'])} | "
+            f"{100 * s['round_overhead']:+.1f}% |")
     return "\n".join(lines)
 
 

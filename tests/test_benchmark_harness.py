@@ -68,10 +68,13 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
 
 def test_report_has_every_defense_and_plots(tmp_path):
     out = tmp_path / "run.jsonl"
-    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", tmp_path / "cache")
+    poisoning.run(tiny_preset(), "label_flip", 2, ["clean", *DEFENSES], out, "", tmp_path / "cache")
     text = report(out)
-    for d in DEFENSES:
+    for d in ["clean", *DEFENSES]:
         assert f"| {d} | 2 |" in text
+    for row in load_rows(out)[1]:
+        if row["defense"] == "clean":  # the reference victim never saw a poison
+            assert row["recall"] == 1.0 and row["precision"] == 1.0 and row["dropped"] == row["budget"]
     assert (tmp_path / "run_asr_vs_acc.png").stat().st_size > 1000
     assert (tmp_path / "run_time_ratio.png").stat().st_size > 1000
     summary = {s["defense"]: s for s in summarize(load_rows(out)[1])}
