@@ -409,7 +409,8 @@ def digits_demo_settings() -> dict:
     ``benchmarks/RESULTS.md``, "Gradient matching calibration"): with one surrogate 1 of 10 fresh
     trials succeeded (Wilson 95% [0.02, 0.40]; the victim's P(adversarial class) rose from 0.12 to
     0.23 on average); with an ensemble of 2 surrogates 2 of 10 (Wilson 95% [0.06, 0.51]).
-    Gradient matching is weak on this tiny from-scratch regime; a clear majority was not reached. Keys: ``width`` of :class:`~sanitizer.models.CompactCNN`, ``ensemble`` (surrogates to
+    Gradient matching is weak on this tiny from-scratch regime; a clear majority was not reached.
+    Keys: ``width`` of :class:`~sanitizer.models.CompactCNN`, ``ensemble`` (surrogates to
     train, seeds ``seed + m``, passed to ``craft`` as a list), ``target_choice`` (``"uncertain"``: a
     correctly classified test image with top surrogate probability < 0.9, adversarial class = the
     runner-up), ``surrogate`` and ``victim`` :class:`TrainConfig` arguments, and ``attack``
