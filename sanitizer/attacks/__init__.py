@@ -12,8 +12,14 @@ from sanitizer.attacks.base import (
 )
 
 # Importing an attack module registers it.
-from sanitizer.attacks import gradient_matching  # noqa: E402,F401  (gradient-matching family)
-from sanitizer.attacks import adaptive, metapoison, sleeper_agent  # noqa: E402,F401  (gradient-matching family)
+# isort: split
+from sanitizer.attacks import (  # noqa: E402,F401  (gradient-matching family)
+    adaptive,
+    gradient_matching,
+    metapoison,
+    sleeper_agent,
+)
+
 # isort: split
 from sanitizer.attacks import (  # noqa: E402,F401  (feature-space, indiscriminate and backdoor attacks)
     adversarial_poisons,

@@ -403,7 +403,7 @@ def target_outcome(model: nn.Module, poisons: PoisonSet) -> dict:
 
 
 def digits_demo_settings() -> dict:
-    """Settings under which gradient matching reliably flips a digits target (the ``sanitizer demo`` regime).
+    """The best settings found for gradient matching on digits (the ``sanitizer demo`` regime); not reliable.
 
     Measured with ``benchmarks/calibrate_gradient_matching.py --regime digits`` (see
     ``benchmarks/RESULTS.md``, "Gradient matching calibration"): with one surrogate 1 of 10 fresh
