@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,18 +25,9 @@ from benchmarks.extractor import ExtractorSpec, load_or_train_extractor, split_i
 from sanitizer.attacks import make_attack
 from sanitizer.data import ImageTensorDataset, load_cifar10
 from sanitizer.progress import log
+from sanitizer.stats import wilson_interval as wilson
 
 
-def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@torch.no_grad()
 def features(extractor, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     return torch.cat([extractor.penultimate(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 

@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from sanitizer.attacks import make_attack
-from sanitizer.attacks.gradient_matching import digits_demo_settings, target_outcome
+from sanitizer.attacks.gradient_matching import choose_target, digits_demo_settings, target_outcome
 from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
 from sanitizer.models import make_model
+from sanitizer.stats import wilson_interval as wilson
 from sanitizer.train import TrainConfig, accuracy, predict_proba, train_classifier
-
-
-def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    den = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / den
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def load(args) -> tuple[ImageTensorDataset, ImageTensorDataset]:
@@ -57,24 +47,6 @@ def new_model(args, in_channels: int, seed: int):
 def config(args, epochs: int, seed: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                        augment=not args.no_train_augment, crop_padding=args.crop_padding)
-
-
-def choose_target(surrogate, test, rule: str, seed: int) -> tuple[int, int | None]:
-    """A test image the surrogate classifies correctly (flipping a mistake is no attack).
-
-    ``random``: any such image, adversarial class drawn by the attack from the seed.
-    ``uncertain``: one whose top surrogate probability is below 0.9, adversarial class = the
-    surrogate's runner-up (an attacker picking a target that is already near a boundary).
-    """
-    g = torch.Generator().manual_seed(seed)
-    probs = predict_proba(surrogate, test.images)
-    ok = probs.argmax(1) == test.labels
-    if rule == "uncertain":
-        ok &= probs.max(1).values < 0.9
-    candidates = torch.nonzero(ok).flatten()
-    target = int(candidates[torch.randint(len(candidates), (1,), generator=g)])
-    adv = int(probs[target].topk(2).indices[1]) if rule == "uncertain" else None
-    return target, adv
 
 
 def trial(args, train, test, seed: int) -> dict:

@@ -108,7 +108,10 @@ PRESETS: dict[str, Preset] = {
         defense_options={"density": {"embedding": "features", "k": 100, "threshold": 2.0}},
         attack_options={"bullseye_polytope": {"iterations": 120, "lr": 0.04},
                         "feature_collision": {},
-                        "gradient_matching": {"eps": 16 / 255, "steps": 80, "restarts": 1, "augment": False}},
+                        "gradient_matching": {"eps": 16 / 255, "steps": 80, "restarts": 1, "augment": False},
+                        # the attacker who knows our tuned defense: dense in penultimate features, k = 100
+                        "adaptive": {"eps": 16 / 255, "steps": 80, "restarts": 1, "augment": False,
+                                     "embedding": "features", "k": 100, "lam": 1.0}},
     ),
     # Gradient matching from scratch on CPU. The regime is being calibrated separately: change it with
     # --set (e.g. --set per_class=500 --set epochs=20 --set model=resnet18 --set width=16).
@@ -133,6 +136,13 @@ PRESETS: dict[str, Preset] = {
         batch_size=256, augment=True, milestones=(0.375, 0.625, 0.875), warmup=2, every=4, stop_epoch=None,
         budget=200, eps=16 / 255, surrogate_epochs=20,
         attack_options={"gradient_matching": {"steps": 120, "restarts": 2}},
+    ),
+    # Gradient matching from scratch on digits, the `sanitizer demo` regime (minutes per trial on a CPU):
+    # a cheap from-scratch setting to compare embeddings (run with --diagnostics).
+    "digits-scratch-gm": Preset(
+        "digits-scratch-gm", kind="scratch", data="digits", per_class=0, model="cnn", width=32, epochs=20,
+        lr=0.05, batch_size=64, warmup=5, every=5, stop_epoch=15, budget=80, eps=32 / 255, surrogate_epochs=20,
+        attack_options={"gradient_matching": {"steps": 100, "restarts": 1, "shift": 2, "flip": False}},
     ),
     # Seconds-long presets on scikit-learn digits, for tests and smoke runs.
     "digits-transfer-tiny": Preset(
@@ -283,7 +293,7 @@ class TransferSetting(Setting):
     def surrogate_for(self, attack: str) -> nn.Module:
         """Feature attacks use the extractor; gradient matching matches the head's gradient of a full
         network (frozen extractor + a clean head trained with the victim recipe)."""
-        if attack != "gradient_matching":
+        if attack not in ("gradient_matching", "adaptive"):
             return self.extractor
         if self._head_surrogate is None:
             head = self.new_victim(seed=99_999)

@@ -15,16 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def wilson(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% for the default ``z``)."""
-    if trials <= 0:
-        return 0.0, 1.0
-    p = successes / trials
-    den = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / den
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+from sanitizer.stats import wilson_interval as wilson
 
 
 def load_rows(path: str | Path) -> tuple[dict | None, list[dict]]:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from plain_loop import poisoned_digits
-from sanitizer.integrations.huggingface import SanitizedTrainer
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
@@ -24,6 +23,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from sanitizer import Sanitizer
 from sanitizer.distributed import is_main_process
+from sanitizer.integrations.huggingface import SanitizedTrainer
 from sanitizer.models import CompactCNN
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from plain_loop import poisoned_digits
-from sanitizer.integrations.lightning import SanitizerCallback
 from torch.utils.data import DataLoader
 
 from sanitizer import Sanitizer
+from sanitizer.integrations.lightning import SanitizerCallback
 from sanitizer.models import CompactCNN
 
 

@@ -201,9 +201,10 @@ def test_cli_rejects_bad_input(tmp_path):
               "--surrogate-weights", str(weights), "--width", "8"])
 
 
-def test_adaptive_pulls_poison_embeddings_towards_their_class(data, surrogate):
-    plain = craft("adaptive", data, surrogate, lam=0.0, steps=20)
-    dense = craft("adaptive", data, surrogate, lam=5.0, steps=20)
+@pytest.mark.parametrize("embedding", ["last_layer", "features"])
+def test_adaptive_pulls_poison_embeddings_towards_their_class(data, surrogate, embedding):
+    plain = craft("adaptive", data, surrogate, lam=0.0, steps=20, embedding=embedding)
+    dense = craft("adaptive", data, surrogate, lam=5.0, steps=20, embedding=embedding)
     assert dense.params["density_term_poisons"] < plain.params["density_term_poisons"]
     with pytest.raises(ValueError, match="anchor"):
         make_attack("adaptive", anchor="median")

@@ -1,21 +1,17 @@
 """The poisoning benchmark harness: a tiny preset end to end, resume, branching, Wilson intervals."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repo root
-
-from benchmarks import poisoning  # noqa: E402
-from benchmarks.presets import LinearHead, get_preset  # noqa: E402
-from benchmarks.report import load_rows, report, summarize, wilson  # noqa: E402
-from sanitizer.core import Sanitizer  # noqa: E402
-from sanitizer.data import ImageTensorDataset  # noqa: E402
-from sanitizer.train import TrainConfig, continue_training  # noqa: E402
+from benchmarks import poisoning
+from benchmarks.presets import LinearHead, get_preset
+from benchmarks.report import load_rows, report, summarize, wilson
+from sanitizer.core import Sanitizer
+from sanitizer.data import ImageTensorDataset
+from sanitizer.train import TrainConfig, continue_training
 
 DEFENSES = ["none", "density", "random"]
 

@@ -14,7 +14,6 @@ from sanitizer import Sanitizer
 from sanitizer.errors import SanitizerError
 
 transformers = pytest.importorskip("transformers")
-from sanitizer.integrations.huggingface import STATE_FILE, SanitizedTrainer, SanitizerTrainerCallback  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -23,6 +22,8 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
+
+from sanitizer.integrations.huggingface import STATE_FILE, SanitizedTrainer, SanitizerTrainerCallback  # noqa: E402
 
 EPOCHS = 4
 BATCH = 32

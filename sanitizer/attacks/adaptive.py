@@ -7,7 +7,8 @@ examples isolated in gradient-embedding space (our default policy, EPIC) has les
     loss = matching loss + λ · mean_i ‖e(x_i + δ_i) − a_i‖² / s²
 
 ``e`` is the defense's embedding computed on the un-augmented poison with the (first) surrogate:
-``last_layer`` = (softmax(z) − onehot(y)) ⊗ [h; 1] or ``logits`` = softmax(z) − onehot(y).
+``last_layer`` = (softmax(z) − onehot(y)) ⊗ [h; 1], ``logits`` = softmax(z) − onehot(y), or
+``features`` = h, the penultimate features (the embedding of our configuration tuned for transfer).
 ``a_i`` is the mean of the ``k`` clean same-class embeddings nearest to the poison's current
 embedding (``anchor="knn"``) or the clean class mean (``anchor="mean"``); ``s²`` is the median
 squared distance of clean class members to their own anchors, so λ is scale free.
@@ -29,17 +30,19 @@ from sanitizer.embeddings import find_last_linear, model_device
 
 def embedding_of(model: nn.Module, last: nn.Linear, images: torch.Tensor, labels: torch.Tensor,
                  kind: str) -> torch.Tensor:
-    """The defense's gradient embedding of a batch, differentiable in ``images``."""
+    """The defense's embedding of a batch (gradient, logits or penultimate features), differentiable in ``images``."""
     captured = {}
     hook = last.register_forward_hook(lambda _m, inp, _o: captured.__setitem__("h", inp[0]))
     try:
         z = model(images)
     finally:
         hook.remove()
+    h = captured["h"].flatten(1)
+    if kind == "features":
+        return h
     e = torch.softmax(z, 1) - F.one_hot(labels, z.shape[1]).to(z.dtype)
     if kind == "logits":
         return e
-    h = captured["h"].flatten(1)
     h1 = torch.cat([h, torch.ones(len(h), 1, device=h.device, dtype=h.dtype)], 1)
     return (e[:, :, None] * h1[:, None, :]).flatten(1)
 
@@ -86,7 +89,8 @@ class AdaptiveGradientMatching(GradientMatching):
     Args (besides :class:`GradientMatching`'s):
         lam: weight λ of the density term (0 gives plain gradient matching).
         k: neighbours for the ``knn`` anchor; anchor: ``"knn"`` or ``"mean"``.
-        embedding: ``"last_layer"`` (our default defense's embedding) or ``"logits"`` (EPIC's).
+        embedding: ``"last_layer"`` (our default defense's embedding), ``"logits"`` (EPIC's) or
+            ``"features"`` (the penultimate features: our configuration tuned for transfer learning).
 
     Example:
         >>> attack = make_attack("adaptive", lam=1.0, embedding="last_layer")  # doctest: +SKIP
@@ -104,8 +108,8 @@ class AdaptiveGradientMatching(GradientMatching):
             raise ValueError(f"lam must be ≥ 0, got {lam}")
         if anchor not in ("knn", "mean"):
             raise ValueError(f"anchor must be 'knn' or 'mean', got {anchor!r}")
-        if embedding not in ("last_layer", "logits"):
-            raise ValueError(f"embedding must be 'last_layer' or 'logits', got {embedding!r}")
+        if embedding not in ("last_layer", "logits", "features"):
+            raise ValueError(f"embedding must be 'last_layer', 'logits' or 'features', got {embedding!r}")
         self.lam, self.k, self.anchor, self.embedding = float(lam), int(k), anchor, embedding
 
     def _objective(self, matcher: GradientMatcher, train_set: ImageTensorDataset, indices: np.ndarray,

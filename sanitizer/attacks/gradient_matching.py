@@ -392,6 +392,33 @@ def train_surrogate(train_set: ImageTensorDataset, model: nn.Module | None = Non
     return model.eval()
 
 
+def choose_target(surrogate: nn.Module, test_set: ImageTensorDataset, rule: str = "random",
+                  seed: int = 0) -> tuple[int, int | None]:
+    """A test image the surrogate classifies correctly (flipping a mistake is no attack).
+
+    ``random``: any such image; the adversarial class is left to the attack (``None``).
+    ``uncertain``: one whose top surrogate probability is below 0.9, adversarial class = the
+    surrogate's runner-up (an attacker picking a target that is already near a boundary).
+
+    Example:
+        >>> target, adv = choose_target(surrogate, test_set, "uncertain", seed=3)  # doctest: +SKIP
+    """
+    if rule not in ("random", "uncertain"):
+        raise ValueError(f"unknown target rule {rule!r}: use 'random' or 'uncertain'")
+    g = torch.Generator().manual_seed(seed)
+    probs = predict_proba(surrogate, test_set.images)
+    ok = probs.argmax(1) == test_set.labels
+    if rule == "uncertain":
+        ok &= probs.max(1).values < 0.9
+    candidates = torch.nonzero(ok).flatten()
+    if len(candidates) == 0:
+        raise ValueError(f"no test image qualifies as a target under rule {rule!r}; train the surrogate longer "
+                         "or use rule='random'")
+    target = int(candidates[torch.randint(len(candidates), (1,), generator=g)])
+    adv = int(probs[target].topk(2).indices[1]) if rule == "uncertain" else None
+    return target, adv
+
+
 def target_outcome(model: nn.Module, poisons: PoisonSet) -> dict:
     """How a (victim) model treats the targets of a poison set: adversarial-class probability and success."""
     if poisons.target_images is None:
