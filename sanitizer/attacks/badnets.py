@@ -8,7 +8,7 @@ import torch
 
 from sanitizer.attacks._util import check_class, class_or_draw, class_pool
 from sanitizer.attacks.base import Attack, PoisonSet, ThreatModel, check_budget, register_attack, resolve_budget
-from sanitizer.attacks.triggers import LOCATIONS, check_trigger, make_trigger, stamp_trigger
+from sanitizer.attacks.triggers import check_trigger, make_trigger, set_patch_options, stamp_trigger
 from sanitizer.data.tensors import ImageTensorDataset
 
 
@@ -33,15 +33,7 @@ class BadNets(Attack):
     def __init__(self, budget: int | float = 0.01, patch_size: int = 3,
                  trigger_kind: str = "checkerboard", location: str = "bottom_right", margin: int = 1,
                  opacity: float = 1.0) -> None:
-        if location not in LOCATIONS:
-            raise ValueError(f"unknown trigger location {location!r}; choose one of {', '.join(LOCATIONS)}")
-        if not 0 < opacity <= 1:
-            raise ValueError(f"opacity must lie in (0, 1], got {opacity}")
-        self.budget = budget
-        resolve_budget(budget, 1)  # validates the budget early
-        self.patch_size, self.trigger_kind = int(patch_size), trigger_kind
-        self.location, self.margin, self.opacity = location, int(margin), float(opacity)
-        make_trigger(self.patch_size, 1, trigger_kind)  # validates size and kind early
+        set_patch_options(self, budget, patch_size, trigger_kind, location, margin, opacity)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class: int | None = None, source_class: int | None = None, seed: int = 0,

@@ -20,7 +20,7 @@ from sanitizer.attacks.base import (
     register_attack,
     resolve_budget,
 )
-from sanitizer.attacks.triggers import LOCATIONS, check_trigger, make_trigger, stamp_trigger
+from sanitizer.attacks.triggers import check_trigger, make_trigger, set_patch_options, stamp_trigger
 from sanitizer.data.tensors import ImageTensorDataset
 
 
@@ -43,19 +43,11 @@ class CleanLabelBackdoor(Attack):
                  trigger_kind: str = "checkerboard", location: str = "bottom_right", margin: int = 1,
                  opacity: float = 1.0, perturb: bool = True, eps: float = 8 / 255, steps: int = 20,
                  step_size: float | None = None) -> None:
-        if location not in LOCATIONS:
-            raise ValueError(f"unknown trigger location {location!r}; choose one of {', '.join(LOCATIONS)}")
-        if not 0 < opacity <= 1:
-            raise ValueError(f"opacity must lie in (0, 1], got {opacity}")
-        self.budget = budget
-        resolve_budget(budget, 1)  # validates the budget early
-        self.patch_size, self.trigger_kind = int(patch_size), trigger_kind
-        self.location, self.margin, self.opacity = location, int(margin), float(opacity)
+        set_patch_options(self, budget, patch_size, trigger_kind, location, margin, opacity)
         self.perturb = bool(perturb)
         self.eps = check_eps(eps)
         self.steps = check_positive_int(steps, "steps")
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        make_trigger(self.patch_size, 1, trigger_kind)
         self._history: list[float] = []
 
     @property

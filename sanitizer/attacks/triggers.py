@@ -15,9 +15,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from sanitizer.attacks.base import resolve_budget
 from sanitizer.data.tensors import ImageTensorDataset
 
 LOCATIONS = ("bottom_right", "top_left", "random")
+
+
+def set_patch_options(attack, budget: int | float, patch_size: int, trigger_kind: str, location: str,
+                      margin: int, opacity: float) -> None:
+    """Validate a patch attack's trigger options early (clear errors at construction) and store them on it."""
+    if location not in LOCATIONS:
+        raise ValueError(f"unknown trigger location {location!r}; choose one of {', '.join(LOCATIONS)}")
+    if not 0 < opacity <= 1:
+        raise ValueError(f"opacity must lie in (0, 1], got {opacity}")
+    resolve_budget(budget, 1)  # validates the budget
+    make_trigger(int(patch_size), 1, trigger_kind)  # validates size and kind
+    attack.budget = budget
+    attack.patch_size, attack.trigger_kind = int(patch_size), trigger_kind
+    attack.location, attack.margin, attack.opacity = location, int(margin), float(opacity)
 
 
 def make_trigger(size: int, channels: int = 3, kind: str = "checkerboard", seed: int = 0) -> torch.Tensor:
