@@ -109,9 +109,10 @@ PRESETS: dict[str, Preset] = {
         attack_options={"bullseye_polytope": {"iterations": 120, "lr": 0.04},
                         "feature_collision": {},
                         "gradient_matching": {"eps": 16 / 255, "steps": 80, "restarts": 1, "augment": False},
-                        # the attacker who knows our tuned defense: dense in penultimate features, k = 100
+                        # the attacker who knows our tuned defense: dense in penultimate features, k = 100;
+                        # lam chosen by the attacker on seeds 1000-1019 (best adv. prob. against density)
                         "adaptive": {"eps": 16 / 255, "steps": 80, "restarts": 1, "augment": False,
-                                     "embedding": "features", "k": 100, "lam": 1.0}},
+                                     "embedding": "features", "k": 100, "lam": 0.003}},
     ),
     # Gradient matching from scratch on CPU. The regime is being calibrated separately: change it with
     # --set (e.g. --set per_class=500 --set epochs=20 --set model=resnet18 --set width=16).

@@ -134,3 +134,33 @@ def robust_zscore(values: np.ndarray) -> np.ndarray:
     if scale <= 1e-12:
         return np.zeros_like(values)
     return (values - med) / scale
+
+
+def principal_deviation(x: np.ndarray, iterations: int = 100, seed: int = 0, tol: float = 1e-9) -> np.ndarray:
+    """How far each row sits along its set's top principal direction: ``|p − median(p)|``, with
+    ``p`` the projection of the mean-centred rows on the top right singular vector.
+
+    A group of poisons that moved together (towards one target) shifts its class along one direction
+    and dominates that direction, while each poison may still have close neighbours (its fellow
+    poisons), which hides it from kNN isolation. The direction is found by power iteration (stopping
+    once it moves by less than ``tol``), so the cost is O(iterations · n · D) and no D × D or n × n
+    matrix is formed.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 3:
+        return np.zeros(len(x))
+    c = x - x.mean(0)
+    v = np.random.default_rng(seed).standard_normal(x.shape[1])
+    v /= np.linalg.norm(v)
+    for _ in range(iterations):
+        w = c.T @ (c @ v)
+        norm = np.linalg.norm(w)
+        if norm <= 1e-12:  # all rows identical: no direction to speak of
+            return np.zeros(len(x))
+        w /= norm
+        moved = np.linalg.norm(w - v)
+        v = w
+        if moved < tol:
+            break
+    proj = c @ v
+    return np.abs(proj - np.median(proj))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sanitizer import make_policy, select
-from sanitizer.density import class_isolation, knn, robust_zscore
+from sanitizer.density import class_isolation, knn, principal_deviation, robust_zscore
 from sanitizer.errors import SanitizerError
 from sanitizer.policies.epic import facility_location_medoids
 
@@ -54,6 +54,36 @@ def test_density_finds_planted_isolated_points():
     assert len(dropped) <= len(planted) + 3  # few false positives
     # The planted points carry the highest scores of their class.
     assert np.all(sel.scores[planted] > np.percentile(sel.scores, 95))
+
+
+def test_principal_deviation_follows_the_top_singular_vector():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 12)) * np.r_[3.0, 2.0, np.ones(10)]  # a clear top direction
+    c = x - x.mean(0)
+    proj = c @ np.linalg.svd(c, full_matrices=False)[2][0]
+    expected = np.abs(proj - np.median(proj))
+    np.testing.assert_allclose(principal_deviation(x), expected, rtol=1e-6, atol=1e-8)
+    assert not principal_deviation(np.ones((10, 4))).any()  # identical rows: no direction
+
+
+def tight_group_in_one_class(seed=0, n=300, group=30, dim=16):
+    """A class of n Gaussian points plus a tight group that moved together along one direction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + group, dim))
+    x[n:] = 3.0 * np.eye(dim)[0] + 0.1 * rng.normal(size=(group, dim))
+    return x.astype(np.float32), np.zeros(n + group, dtype=int), np.arange(n, n + group)
+
+
+def test_spectral_term_finds_a_tight_group_that_knn_isolation_misses():
+    x, y, group = tight_group_in_one_class()
+    options = dict(k=10, threshold=2.0, max_fraction=0.2)
+    plain = select(x, y, policy="density", **options)
+    spectral = select(x, y, policy="density", spectral=True, **options)
+    caught = lambda sel: np.isin(group, np.flatnonzero(~sel.keep)).mean()  # noqa: E731
+    assert caught(plain) <= 0.2  # the group's members are each other's nearest neighbours
+    assert caught(spectral) >= 0.9
+    assert (~spectral.keep).sum() <= 0.2 * len(x) + 1  # the cap still holds
+    assert np.all(spectral.scores >= plain.scores - 1e-9)  # the larger of the two scores
 
 
 def test_density_cap_limits_drops_per_class():
