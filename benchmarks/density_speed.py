@@ -2,6 +2,7 @@
 
     python -m benchmarks.density_speed                     # 50k x 256, 10 classes, + EPIC on the same data
     python -m benchmarks.density_speed --scaling           # 50k .. 1M examples, time and peak memory
+    python -m benchmarks.density_speed --scaling --sizes 1000000   # one size only
 
 Each size runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own.
 """
@@ -58,6 +59,8 @@ def run_child(policy: str, n: int, dim: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scaling", action="store_true", help="grow from 50k to 1M examples")
+    parser.add_argument("--sizes", default="50000,200000,500000,1000000",
+                        help="comma-separated example counts for --scaling")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
         return
     rows = []
     if args.scaling:
-        for n in (50_000, 200_000, 500_000, 1_000_000):
+        for n in (int(v) for v in args.sizes.split(",")):
             rows.append(run_child("density", n, args.dim, 1))
             print(rows[-1], flush=True)
     else:
