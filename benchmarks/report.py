@@ -123,15 +123,20 @@ def plots(summary: list[dict], stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for s in summary:
+    # Markers are numbered and named in a legend beside the axes: text labels collide when
+    # defenses land on the same point (they often do, e.g. every defense that drops nothing).
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    markers = "osD^v<>phX*"
+    for i, s in enumerate(summary):
         yerr = [[100 * (s["asr"] - s["asr_lo"])], [100 * (s["asr_hi"] - s["asr"])]]
-        ax.errorbar(s["acc_mean"], 100 * s["asr"], yerr=yerr, xerr=s["acc_std"], fmt="o", capsize=3, label=s["defense"])
-        ax.annotate(s["defense"], (s["acc_mean"], 100 * s["asr"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+        ax.errorbar(s["acc_mean"], 100 * s["asr"], yerr=yerr, xerr=s["acc_std"], fmt=markers[i % len(markers)],
+                    capsize=3, label=f"{i + 1}. {s['defense']}", color=f"C{i % 10}")
+        ax.annotate(str(i + 1), (s["acc_mean"], 100 * s["asr"]), textcoords="offset points", xytext=(5, 3),
+                    fontsize=8, color=f"C{i % 10}")
     ax.set_xlabel("clean test accuracy (%)")
     ax.set_ylabel("attack success rate (%) with Wilson 95% CI")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     paths.append(stem.with_name(stem.name + "_asr_vs_acc.png"))
     fig.savefig(paths[-1], dpi=120)
