@@ -244,10 +244,12 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     prefix_end = min(preset.warmup, config.epochs)
     model = setting.new_victim(seed)
     optimizer, scheduler = make_optimizer(model, config)
-    keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
-    t0 = time.perf_counter()
-    continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix")
-    prefix_seconds = time.perf_counter() - t0
+    prefix_seconds = 0.0
+    if any(spec != "clean" and spec not in done for spec in defenses):  # a resumed or clean-only run may not need it
+        keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
+        t0 = time.perf_counter()
+        continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix")
+        prefix_seconds = time.perf_counter() - t0
 
     if "clean" in defenses and "clean" not in done:
         # Reference, not a defense: the same victim trained without the poisons (an oracle filter at
