@@ -2,7 +2,8 @@
 
 Gaussian blobs, one per class, far apart; a few points of each class are relabelled as the next
 class, so they are mislabelled examples sitting far from the class they claim: the density policy
-must drop them. Inputs are shaped ``[N, 1, 2, 4]`` (tiny "images") so image pipelines accept them.
+must drop them (checked in `tests/test_planted.py`). Inputs are shaped ``[N, 1, 2, 4]`` (tiny
+"images") so image pipelines accept them.
 """
 
 from __future__ import annotations
