@@ -28,6 +28,7 @@ from sanitizer.progress import log
 from sanitizer.stats import wilson_interval as wilson
 
 
+@torch.no_grad()
 def features(extractor, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     return torch.cat([extractor.penultimate(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
