@@ -46,7 +46,7 @@ from sanitizer.attacks.base import _ATTACKS
 from sanitizer.core import Sanitizer
 from sanitizer.policies import Policy, Selection, make_policy
 from sanitizer.progress import log, progress
-from sanitizer.train import continue_training, predict_proba
+from sanitizer.train import continue_training, make_optimizer, predict_proba
 
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
 NEVER = 10**9
@@ -165,13 +165,6 @@ def craft(setting: Setting, attack: str, seed: int, target_index: int, adversari
     return poisons, seconds
 
 
-def make_optimizer(model: torch.nn.Module, config) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
-    milestones = [int(round(m * config.epochs)) for m in config.milestones]
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
-
-
 def branch(model, optimizer, scheduler, config):
     """Independent copies of a model and its optimizer and scheduler state."""
     model2 = copy.deepcopy(model)
@@ -226,14 +219,40 @@ def score_diagnostics(is_poison: np.ndarray, adversarial_class: int):
     return hook
 
 
+def signal_recorder(setting: Setting, attack: str, seed: int, target_index: int, adv: int, data: VictimData,
+                    cache_dir: Path):
+    """The recorder of the undefended victim's per-epoch signals (``--record-signals``)."""
+    from benchmarks.signals import SignalRecorder
+
+    preset = setting.preset
+    tag = f"{preset.name}_{attack}_eps{round(preset.eps * 255)}_s{seed}"
+    true = int(setting.test_set.labels[target_index])
+    labels = data.train.labels.numpy()
+    focus = np.flatnonzero((labels == adv) | (labels == true))
+    meta = {"preset": asdict(preset), "attack": attack, "seed": seed, "target_index": target_index,
+            "target_class": true, "adversarial_class": adv, "poison_indices": np.flatnonzero(data.is_poison).tolist()}
+    recorder = SignalRecorder(cache_dir / "signals" / tag, data.train.images, data.train.labels, focus,
+                              data.target_input, meta)
+    np.save(recorder.out_dir / "labels.npy", labels)
+    np.save(recorder.out_dir / "is_poison.npy", data.is_poison)
+    return recorder
+
+
 def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: list[str], done: dict[str, dict],
-              cache_dir: Path, write, diagnostics: bool = False) -> None:
-    """Craft once, train the shared prefix once, then one victim per defense not yet in ``done``."""
+              cache_dir: Path, write, diagnostics: bool = False, record_signals: bool = False) -> None:
+    """Craft once, train the shared prefix once, then one victim per defense not yet in ``done``.
+
+    ``record_signals``: the undefended victim (and the shared prefix) record per-epoch logits and
+    features under ``cache_dir/signals`` for the offline detection study.
+    """
     preset = setting.preset
     target_index, adv = draw_trial(setting, seed)
     poisons, craft_seconds = craft(setting, attack, seed, target_index, adv, cache_dir)
     data = setting.victim_data(poisons, target_index)
     config = preset.train_config(seed)
+    recorder = (signal_recorder(setting, attack, seed, target_index, adv, data, cache_dir)
+                if record_signals and "none" not in done else None)
+    record_hooks = {"on_batch": recorder.on_batch, "on_epoch_end": recorder.on_epoch_end} if recorder else {}
     common = {"preset": preset.name, "attack": attack, "trial": trial, "seed": seed, "target_index": target_index,
               "target_class": int(setting.test_set.labels[target_index]), "adversarial_class": adv,
               "budget": int(data.is_poison.sum()), "train_size": len(data.train), "craft_seconds": craft_seconds,
@@ -248,7 +267,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     if any(spec != "clean" and spec not in done for spec in defenses):  # a resumed or clean-only run may not need it
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
         t0 = time.perf_counter()
-        continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix")
+        continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
+                          **record_hooks)
         prefix_seconds = time.perf_counter() - t0
 
     if "clean" in defenses and "clean" not in done:
@@ -281,7 +301,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
                               embedding=parse_defense(spec, preset)[1].get("embedding"), **sched)
         t1 = time.perf_counter()
-        continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec)
+        continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
+                          **(record_hooks if spec == "none" else {}))
         seconds = prefix_seconds + time.perf_counter() - t1
         row = {**common, "defense": spec, "policy_options": options, "schedule": sched,
                "embedding": sanitizer.embedding,
@@ -330,7 +351,8 @@ def check_same_run(out: Path, preset: Preset, attack: str, seed_start: int) -> N
 
 
 def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path, data_root: str,
-        cache_dir: Path, seed_start: int = 0, trial_start: int = 0, diagnostics: bool = False) -> Path:
+        cache_dir: Path, seed_start: int = 0, trial_start: int = 0, diagnostics: bool = False,
+        record_signals: bool = False) -> Path:
     """Run (or resume) the benchmark and return the results file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     check_same_run(out, preset, attack, seed_start)
@@ -359,7 +381,7 @@ def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path
         for trial in progress(todo, desc=f"{preset.name}/{attack}"):
             trial_done = {d: done[(trial, d)] for d in defenses if (trial, d) in done}
             run_trial(setting, attack, trial, seed_start + trial, defenses, trial_done, cache_dir, write,
-                      diagnostics)
+                      diagnostics, record_signals)
     return out
 
 
@@ -404,8 +426,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--diagnostics", action="store_true",
                         help="record per round how well the scores separate poisons (for tuning runs)")
+    parser.add_argument("--record-signals", action="store_true",
+                        help="the undefended victim saves per-epoch logits and features under CACHE_DIR/signals "
+                             "for the offline detection study (benchmarks.detection_study)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Reproducible surrogates and victims: same threads + deterministic kernels give the same weights.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     _limit_blas_threads(args.threads)
     preset = get_preset(args.preset).with_overrides(args.set)
     if args.craft_only:
@@ -417,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     if "none" not in defenses:
         defenses.insert(0, "none")  # time ratios need undefended training in the same run
     out = run(preset, args.attack, args.trials, defenses, args.out, args.data_root, args.cache_dir,
-              args.seed_start, args.trial_start, args.diagnostics)
+              args.seed_start, args.trial_start, args.diagnostics, args.record_signals)
     if not args.no_report:
         from benchmarks.report import report
         print(report(out))

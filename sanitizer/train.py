@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,12 @@ from sanitizer.progress import progress
 
 @dataclass
 class TrainConfig:
-    """Recipe of a training run. ``milestones`` are fractions of ``epochs`` where lr drops ×0.1."""
+    """Recipe of a training run.
+
+    ``schedule="step"``: lr drops ×0.1 at the ``milestones`` (fractions of ``epochs``).
+    ``schedule="onecycle"``: lr rises linearly to ``lr`` over the first 15 % of the epochs, then falls
+    linearly towards 0 (evaluated at each epoch's midpoint; short from-scratch runs train best this way).
+    """
 
     epochs: int = 20
     lr: float = 0.1
@@ -36,6 +42,7 @@ class TrainConfig:
     crop_padding: int = 4
     milestones: tuple[float, ...] = (0.375, 0.625, 0.875)
     seed: int = 0
+    schedule: str = "step"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,17 +72,36 @@ def train_classifier(
     """
     device = model_device(model)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
-    milestones = [int(round(m * config.epochs)) for m in config.milestones]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    optimizer, scheduler = make_optimizer(model, config)
     return continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch,
                              config.epochs, on_epoch_end, desc, device)
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD (+ Nesterov) and the per-epoch lr scheduler that ``config`` describes."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    if config.schedule == "step":
+        milestones = [int(round(m * config.epochs)) for m in config.milestones]
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    if config.schedule == "onecycle":
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: onecycle_factor(e, config.epochs))
+    raise SanitizerError(f"unknown schedule {config.schedule!r}: choose 'step' or 'onecycle'")
+
+
+def onecycle_factor(epoch: int, epochs: int, peak: float = 0.15) -> float:
+    """lr multiplier of ``epoch``: linear warm-up to 1 at ``peak`` of training, then linear decay to 0."""
+    t = (epoch + 0.5) / max(epochs, 1)
+    return t / peak if t < peak else max(0.0, (1 - t) / (1 - peak))
+
+
 def continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch, end_epoch,
-                      on_epoch_end=None, desc="train", device=None) -> TrainResult:
-    """Run epochs ``[start_epoch, end_epoch)`` with a given optimizer and scheduler (for branching runs)."""
+                      on_epoch_end=None, desc="train", device=None, on_batch=None) -> TrainResult:
+    """Run epochs ``[start_epoch, end_epoch)`` with a given optimizer and scheduler (for branching runs).
+
+    ``on_batch(epoch, indices, logits, labels)`` sees every training step's (detached) logits, keyed by
+    dataset index: what a defense can harvest from the training pass without an extra pass.
+    """
     device = device or model_device(model)
     gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult(0.0)
@@ -99,7 +125,10 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
             if config.augment:
                 x = flip_crop(x, config.crop_padding, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if on_batch is not None:
+                on_batch(epoch, idx, logits.detach(), y)
             if not torch.isfinite(loss):
                 raise SanitizerError(f"the training loss became {loss.item()} at epoch {epoch}; "
                                      "lower the learning rate")
