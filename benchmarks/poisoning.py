@@ -49,6 +49,7 @@ from sanitizer.progress import log, progress
 from sanitizer.train import continue_training, make_optimizer, predict_proba
 
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
+PURIFIERS = ("jpeg", "friendly_noise")  # data purifications, not policies (see purified_victim)
 NEVER = 10**9
 
 
@@ -116,6 +117,44 @@ def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
     if name in ONE_SHOT:
         return {"warmup": preset.warmup, "every": 1, "stop_epoch": preset.warmup}
     return {"warmup": preset.warmup, "every": preset.every, "stop_epoch": preset.stop_epoch}
+
+
+def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int) -> dict:
+    """A victim trained on purified data: ``jpeg`` (every training image JPEG-compressed once, trained
+    from scratch, as PureGen re-ran it) or ``friendly_noise`` (after the shared prefix, the
+    branched model computes friendly noise once; every later batch gets it plus fresh ±8/255
+    Bernoulli noise, Liu et al. 2022). Options: ``jpeg:quality=25``; ``friendly_noise:steps=30:eps=16``
+    (eps in /255). Returns the row's defense fields and the trained ``model``."""
+    from sanitizer.data import ImageTensorDataset
+    from sanitizer.purify import bernoulli_noise, friendly_noise, jpeg_compress
+
+    name, options = parse_defense(spec)
+    t0 = time.perf_counter()
+    if name == "jpeg":
+        quality = int(options.get("quality", 75))
+        train = ImageTensorDataset(jpeg_compress(data.train.images, quality), data.train.labels, None,
+                                   data.train.num_classes)
+        model = setting.new_victim(seed)
+        optimizer, scheduler = make_optimizer(model, config)
+        start, transform, uses_prefix = 0, None, False
+        options = {"quality": quality}
+    else:
+        eps = float(options.get("eps", 16)) / 255
+        steps = int(options.get("steps", 30))
+        model, optimizer, scheduler = branch(*prefix, config)
+        noise = friendly_noise(model, data.train.images, eps=eps, steps=steps, seed=seed)
+        train = ImageTensorDataset(data.train.images + noise, data.train.labels, None, data.train.num_classes)
+        random_eps = float(options.get("random_eps", 8)) / 255
+        start, uses_prefix = prefix_end, True
+        transform = lambda x, gen: bernoulli_noise(x, random_eps, gen)  # noqa: E731
+        options = {"eps": eps * 255, "steps": steps, "random_eps": random_eps * 255}
+    purify_seconds = time.perf_counter() - t0
+    keeper = Sanitizer(model, train, policy="none", warmup=NEVER, seed=seed)
+    continue_training(model, train, config, optimizer, scheduler, keeper, start, config.epochs, desc=spec,
+                      batch_transform=transform)
+    return {"defense": spec, "policy_options": options, "schedule": {}, "embedding": None, "model": model,
+            **detection(keeper, data.is_poison), "seconds": time.perf_counter() - t0,
+            "seconds_purify": purify_seconds, "uses_prefix": uses_prefix}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,9 +325,19 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         write(row)
         done["clean"] = row
 
+    for spec in defenses:
+        if parse_defense(spec)[0] in PURIFIERS and spec not in done:
+            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end)
+            shared = prefix_seconds if row.pop("uses_prefix") else 0.0
+            outcome = evaluate(row.pop("model"), data, adv)
+            row = {**common, **row, **outcome, "seconds": row["seconds"] + shared,
+                   "seconds_prefix": shared}
+            write(row)
+            done[spec] = row
+
     matched: list[int] | None = None
     for spec in defenses:
-        if spec == "clean":
+        if spec == "clean" or parse_defense(spec)[0] in PURIFIERS:
             continue
         if parse_defense(spec)[0] == "density" and matched is None:
             matched = (done[spec]["dropped_per_round"] if spec in done else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,11 @@ class Sanitizer:
     round embeds the examples still kept, asks the policy which to drop and, by default, drops them
     for the rest of training (``cumulative=True``).
 
+    With ``audit=True`` every round is scored exactly as it would be for dropping, but nothing is
+    dropped: the history records what the policy (and each of ``audit_policies``, every one on its
+    own embedding kind) *would* drop, and :meth:`scores` returns every example's score per round.
+    Look before you let a defense remove anything.
+
     Example (a plain training loop; one added call per epoch)::
 
         sanitizer = Sanitizer(model, train_set, embed_dataset=train_set_without_augmentation,
@@ -82,6 +87,8 @@ class Sanitizer:
         embed_collate: Callable | None = None,
         round_hooks: list[Callable[..., dict[str, Any] | None]] | None = None,
         verbose: bool = False,
+        audit: bool = False,
+        audit_policies: Sequence[str | Policy] = (),
     ) -> None:
         if warmup < 0 or every < 1:
             raise SanitizerError("warmup must be >= 0 and every >= 1")
@@ -109,6 +116,10 @@ class Sanitizer:
         # certificate's per-round gradient statistics). Hooks must not change the keep mask.
         self.round_hooks = list(round_hooks or [])
         self.verbose = verbose
+        self.audit = bool(audit)
+        self.audit_policies = self._name_policies(audit_policies)
+        # (epoch, policy label) -> float32 [size] scores (NaN where not a candidate), for every round
+        self.audit_scores: dict[tuple[int, str], np.ndarray] = {}
         self.keep = np.ones(self.size, dtype=bool)
         self.history: list[dict[str, Any]] = []
         self.last_scores: np.ndarray | None = None
@@ -160,7 +171,8 @@ class Sanitizer:
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
             selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
-        dropped_now = candidates[~selection.keep]
+        audit = self._audit_round(epoch, candidates, emb, selection)
+        dropped_now = candidates[~selection.keep] if not self.audit else candidates[:0]
         if self.cumulative:
             self.keep[dropped_now] = False
         else:
@@ -172,29 +184,91 @@ class Sanitizer:
             self.last_embeddings = np.full((self.size, emb.shape[1]), np.nan, dtype=np.float32)
             self.last_embeddings[candidates] = emb.numpy()
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
+        if audit is not None:
+            record["audit"] = audit
         for hook in self.round_hooks:
             extra = hook(self, epoch, candidates, emb, selection)
             if extra:
                 record.setdefault("extras", {}).update(extra)
         self.history.append(record)
         if self.verbose and is_main_process():
-            log(f"[sanitizer] epoch {epoch}: dropped {len(dropped_now)} now, {len(self.dropped)} in total "
-                f"(embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
+            what = (f"would drop {int((~selection.keep).sum())} (audit: nothing dropped)" if self.audit else
+                    f"dropped {len(dropped_now)} now, {len(self.dropped)} in total")
+            log(f"[sanitizer] epoch {epoch}: {what} (embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
         return record
+
+    # -- audit --------------------------------------------------------------------------------
+    def _name_policies(self, policies: Sequence[str | Policy]) -> dict[str, Policy]:
+        """Audit policies by label: the spec string given (``"epic-0.1"``) or the policy's name."""
+        named: dict[str, Policy] = {}
+        for spec in policies:
+            policy = make_policy(spec)
+            label = spec if isinstance(spec, str) else policy.name
+            if label in named or label == self.policy.name:
+                raise SanitizerError(f"audit policy {label!r} is listed twice (the sanitizer's own policy is always "
+                                     "audited); give each policy once")
+            named[label] = policy
+        return named
+
+    def _audit_round(self, epoch: int, candidates: np.ndarray, emb: torch.Tensor, selection) -> dict | None:
+        """Record every audited policy's scores and would-be drops (the own policy's from ``selection``)."""
+        if not self.audit and not self.audit_policies:
+            return None
+        labels = self.labels[candidates]
+        decisions = {self.policy.name: (self.embedding, selection)}
+        embeddings = {self.embedding: emb}
+        for label, policy in self.audit_policies.items():
+            kind = policy.embedding_kind or self.embedding
+            if kind not in embeddings:
+                embeddings[kind] = self._embed(candidates, kind)
+            sel = policy.select(embeddings[kind], labels, num_classes=self.num_classes,
+                                seed=self.seed * 1_000_003 + epoch)
+            decisions[label] = (kind, sel)
+        out = {"mode": "audit" if self.audit else "drop", "policies": {}}
+        for label, (kind, sel) in decisions.items():
+            scores = np.full(self.size, np.nan, dtype=np.float32)
+            scores[candidates] = sel.scores
+            self.audit_scores[(int(epoch), label)] = scores
+            would = candidates[~sel.keep]
+            out["policies"][label] = {
+                "embedding": kind, "would_drop": [int(i) for i in would],
+                "per_class": {str(c): int((self.labels[would] == c).sum()) for c in range(self.num_classes)}}
+        return out
+
+    def scores(self, policy: str | None = None, epoch: int | None = None) -> np.ndarray:
+        """Per-example scores of an audited round (higher = more suspicious; NaN: not a candidate).
+
+        ``policy``: a label from ``audit_policies`` or the sanitizer's own policy (default);
+        ``epoch``: a round's epoch (default: the last round).
+
+        Example:
+            >>> s = Sanitizer(model, data, audit=True, audit_policies=["epic-0.1"])  # doctest: +SKIP
+            >>> s.scores("epic-0.1")  # doctest: +SKIP
+        """
+        if not self.audit_scores:
+            raise SanitizerError("no audited round yet: build the Sanitizer with audit=True or audit_policies=[...] "
+                                 "and run a round first")
+        policy = policy or self.policy.name
+        epoch = max(e for e, _ in self.audit_scores) if epoch is None else int(epoch)
+        if (epoch, policy) not in self.audit_scores:
+            known = sorted({f"{p}@{e}" for e, p in self.audit_scores})
+            raise SanitizerError(f"no audited scores for policy {policy!r} at epoch {epoch}; recorded: {known}")
+        return self.audit_scores[(epoch, policy)]
 
     def _sharded(self) -> bool:
         """Distributed rounds: on under torch.distributed unless a ``gather`` hook is given (pass
         ``gather=lambda e: e`` for independent per-process sanitizers in one process group)."""
         return self.gather is None and is_distributed()
 
-    def _embed(self, candidates: np.ndarray) -> torch.Tensor:
+    def _embed(self, candidates: np.ndarray, kind: str | None = None) -> torch.Tensor:
+        rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
         if self._sharded():
-            return gather_embeddings(self._embed_rows, candidates)
-        emb = self._embed_rows(candidates)
+            return gather_embeddings(rows, candidates)
+        emb = rows(candidates)
         return self.gather(emb) if self.gather is not None else emb
 
-    def _embed_rows(self, indices: np.ndarray) -> torch.Tensor:
-        return gradient_embeddings(unwrap_model(self.model), self.embed_dataset, kind=self.embedding,
+    def _embed_rows(self, indices: np.ndarray, kind: str | None = None) -> torch.Tensor:
+        return gradient_embeddings(unwrap_model(self.model), self.embed_dataset, kind=kind or self.embedding,
                                    batch_size=self.batch_size, device=self.device, last_layer=self.last_layer,
                                    max_dim=self.max_dim, seed=self.seed, indices=indices,
                                    num_classes=self.num_classes, collate_fn=self.embed_collate)
@@ -254,7 +328,8 @@ class Sanitizer:
         """Everything needed to resume: the keep mask, the history and the epoch (tensors and plain types)."""
         return {"version": STATE_VERSION, "size": self.size, "keep": torch.from_numpy(self.keep.copy()),
                 "history": [dict(r) for r in self.history], "epoch": self.epoch, "seed": self.seed,
-                "policy": self.policy.name}
+                "policy": self.policy.name,
+                "audit_scores": {f"{e}:{p}": torch.from_numpy(v.copy()) for (e, p), v in self.audit_scores.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -267,5 +342,10 @@ class Sanitizer:
         self.history = [dict(r) for r in state["history"]]
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
+        self.audit_scores = {}
+        for key, value in state.get("audit_scores", {}).items():
+            epoch, label = key.split(":", 1)
+            self.audit_scores[(int(epoch), label)] = np.asarray(value.cpu() if isinstance(value, torch.Tensor)
+                                                                else value, dtype=np.float32)
         for sampler in self._samplers:
             sampler.set_epoch(max(self.epoch, 0))

@@ -96,11 +96,13 @@ def onecycle_factor(epoch: int, epochs: int, peak: float = 0.15) -> float:
 
 
 def continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch, end_epoch,
-                      on_epoch_end=None, desc="train", device=None, on_batch=None) -> TrainResult:
+                      on_epoch_end=None, desc="train", device=None, on_batch=None,
+                      batch_transform=None) -> TrainResult:
     """Run epochs ``[start_epoch, end_epoch)`` with a given optimizer and scheduler (for branching runs).
 
     ``on_batch(epoch, indices, logits, labels)`` sees every training step's (detached) logits, keyed by
     dataset index: what a defense can harvest from the training pass without an extra pass.
+    ``batch_transform(x, generator)`` runs on every (augmented) batch, e.g. fresh random noise.
     """
     device = device or model_device(model)
     gen = torch.Generator().manual_seed(config.seed)
@@ -124,6 +126,8 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
             y = train_set.labels[idx]
             if config.augment:
                 x = flip_crop(x, config.crop_padding, gen)
+            if batch_transform is not None:
+                x = batch_transform(x, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)

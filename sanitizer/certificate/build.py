@@ -103,7 +103,7 @@ def build_certificate(
         ds = sanitizer.embed_dataset
         write_report(cert, report_dir, recorder=find_recorder(sanitizer), images=getattr(ds, "images", None),
                      labels=sanitizer.labels, poison_indices=poison_indices, last_scores=sanitizer.last_scores,
-                     keep=sanitizer.keep)
+                     keep=sanitizer.keep, audit_scores=getattr(sanitizer, "audit_scores", None))
     return cert
 
 

@@ -94,14 +94,17 @@ def fig_rounds(cert: dict, out_dir: Path):
     return _save(fig, out_dir, "rounds.png")
 
 
-def fig_scores(view: dict, cert: dict, out_dir: Path, poison_set: set[int] | None = None):
+def fig_scores(view: dict, cert: dict, out_dir: Path, poison_set: set[int] | None = None, *,
+               policy: str | None = None, name: str = "scores.png"):
+    """Per-class score histograms; ``policy`` labels an audited policy (else the sanitizer's own)."""
     plt = _plt()
     labels, scores, dropped = view["labels"], view["scores"], view["dropped"]
     classes = np.unique(labels)
     cols = min(5, len(classes))
     rows = int(np.ceil(len(classes) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.3 * rows + 0.6), squeeze=False)
-    threshold = cert["audit"]["configuration"]["policy_options"].get("threshold")
+    own = policy is None or policy == cert["audit"]["configuration"]["policy"]
+    threshold = cert["audit"]["configuration"]["policy_options"].get("threshold") if own else None
     finite = scores[np.isfinite(scores)]
     # Very dense (strongly negative) outliers would squeeze the informative right tail: clip the left.
     low = float(np.percentile(finite, 1)) if len(finite) else 0.0
@@ -119,24 +122,26 @@ def fig_scores(view: dict, cert: dict, out_dir: Path, poison_set: set[int] | Non
             ax.hist(scores[poisons], bins=bins, histtype="step", color="black", lw=1.2, label="known poison")
         if threshold is not None:
             ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
-        ax.set_title(f"class {c}  ({int(in_c.sum())} ex., {int((in_c & dropped).sum())} dropped)", fontsize=9)
+        ax.set_title(f"class {c}  ({int(in_c.sum())} ex., {int((in_c & dropped).sum())} "
+                     f"{'flagged' if view.get('audit') else 'dropped'})", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(classes):]:
         ax.axis("off")
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Patch(color="#8aa6c8", label="kept"), Patch(color="#d62728", label="dropped")]
+    verb = "would drop" if view.get("audit") else "dropped"
+    handles = [Patch(color="#8aa6c8", label="kept"), Patch(color="#d62728", label=verb)]
     if poison_set and np.isin(view["index"], list(poison_set)).any():
         handles.append(Patch(facecolor="none", edgecolor="black", label="known poison"))
     if threshold is not None:
         handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"threshold {threshold:g}"))
-    fig.suptitle(f"Isolation scores in round {view['round']} (epoch {view['epoch']}); higher = more isolated",
-                 fontsize=11)
+    what = f"{policy} scores" if policy else "Scores"
+    fig.suptitle(f"{what} in round {view['round']} (epoch {view['epoch']}); higher = more suspicious", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.955))
-    return _save(fig, out_dir, "scores.png")
+    return _save(fig, out_dir, name)
 
 
 def fig_projection(view: dict, poison_set: set[int], out_dir: Path):
@@ -318,9 +323,41 @@ def _img(name: str, data: bytes, alt: str) -> str:
     return f"<img src='data:image/png;base64,{encoded}' alt='{html.escape(alt)}' data-file='{name}'>"
 
 
+def audit_views(cert: dict, labels: np.ndarray, audit_scores: dict | None) -> dict[str, dict]:
+    """Per audited policy, the last audited round's scores and would-be drops (for the histograms)."""
+    rounds = [r for r in cert["audit"]["rounds"] if r.get("audit")]
+    if not rounds or not audit_scores:
+        return {}
+    last = rounds[-1]
+    views = {}
+    for policy, info in last["audit"]["policies"].items():
+        scores = audit_scores.get((last["epoch"], policy))
+        if scores is None:
+            continue
+        index = np.flatnonzero(np.isfinite(scores))
+        would = np.zeros(len(scores), dtype=bool)
+        would[info["would_drop"]] = True
+        views[policy] = {"labels": labels[index], "scores": scores[index], "dropped": would[index], "index": index,
+                         "round": last["round"], "epoch": last["epoch"], "audit": True}
+    return views
+
+
+def audit_table(cert: dict, poison_set: set[int]) -> str:
+    """What every audited policy would drop at every audited round (and how many known poisons)."""
+    rows = []
+    for r in cert["audit"]["rounds"]:
+        for policy, info in (r.get("audit") or {}).get("policies", {}).items():
+            would = info["would_drop"]
+            caught = len(poison_set & set(would)) if poison_set else None
+            rows.append([r["round"], r["epoch"], html.escape(policy), html.escape(info["embedding"]), len(would),
+                         "–" if caught is None else f"{caught} of {len(poison_set)}"])
+    return _table(["round", "epoch", "policy", "embedding", "would drop", "known poisons among them"], rows)
+
+
 def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torch.Tensor | None = None,
                  labels: np.ndarray | None = None, poison_indices=None,
-                 last_scores: np.ndarray | None = None, keep: np.ndarray | None = None) -> Path:
+                 last_scores: np.ndarray | None = None, keep: np.ndarray | None = None,
+                 audit_scores: dict | None = None) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir``; return the HTML path.
 
     Example:
@@ -346,6 +383,10 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         add("scores", "isolation score histograms", fig_scores(view, cert, out, poison_set))
         if view.get("projection") is not None:
             add("projection", "PCA projection of gradient embeddings", fig_projection(view, poison_set, out))
+    audited = audit_views(cert, labels, audit_scores) if labels is not None else {}
+    for i, (policy, v) in enumerate(audited.items()):
+        add(f"audit:{policy}", f"audited scores of {policy}",
+            fig_scores(v, cert, out, poison_set, policy=policy, name=f"audit_{i}.png"))
     if labels is not None:
         add("dropped", "dropped images per class", fig_dropped(cert, images, labels, poison_set, out))
     if cert["bound"] is not None:
@@ -386,7 +427,14 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
             for r in audit["rounds"]]
     parts.append(_table(["round", "epoch", "candidates", "dropped now", "dropped in total"], rows))
     if "scores" in imgs:
-        parts.append("<h2>Isolation scores</h2>" + imgs["scores"])
+        parts.append("<h2>Scores</h2>" + imgs["scores"])
+    if any(r.get("audit") for r in audit["rounds"]):
+        mode = next(r["audit"]["mode"] for r in audit["rounds"] if r.get("audit"))
+        parts.append("<h2>Audit: what each policy would drop</h2>"
+                     + ("<p>This run was an <b>audit</b>: every round was scored, nothing was dropped.</p>"
+                        if mode == "audit" else "<p>Other policies scored beside the one that dropped.</p>")
+                     + audit_table(cert, poison_set)
+                     + "".join(imgs[f"audit:{p}"] for p in audited))
     if "projection" in imgs:
         parts.append("<h2>Gradient embeddings</h2>" + imgs["projection"])
     if "dropped" in imgs:
