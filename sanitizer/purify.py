@@ -12,8 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from sanitizer.errors import SanitizerError
 
@@ -24,11 +27,14 @@ def jpeg_compress(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
         raise SanitizerError(f"jpeg_compress expects images [N, 1 or 3, H, W] in [0, 1], got {tuple(images.shape)}")
     if not 1 <= int(quality) <= 100:
         raise SanitizerError(f"JPEG quality must be in [1, 100], got {quality}")
-    as_bytes = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    out = torch.empty(images.shape, dtype=torch.float32)
+    as_bytes = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty(as_bytes.shape, dtype=np.uint8)
     for i, image in enumerate(as_bytes):
-        out[i] = decode_jpeg(encode_jpeg(image, quality=int(quality))).float() / 255
-    return out
+        buffer = io.BytesIO()
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, "JPEG", quality=int(quality))
+        decoded = np.asarray(Image.open(buffer))
+        out[i] = decoded[:, :, None] if decoded.ndim == 2 else decoded
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
 
 
 def uniform_noise(images: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:

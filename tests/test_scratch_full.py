@@ -1,0 +1,87 @@
+"""The from-scratch benchmark's pieces at seconds scale: the cifar10-scratch-full preset's code path
+on digits, the signal recorder, the purification baselines and the offline detection study."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import detection_study, poisoning
+from benchmarks.presets import get_preset
+from benchmarks.signals import load_epoch
+from sanitizer.purify import bernoulli_noise, friendly_noise, jpeg_compress, uniform_noise
+from sanitizer.train import onecycle_factor
+
+
+def smoke_preset():
+    # The full-CIFAR preset's recipe (one-cycle, rounds every epoch, 1 % budget) on 8×8 digits, width 4.
+    return get_preset("cifar10-scratch-full").with_overrides(
+        ["data=digits", "width=4", "epochs=3", "budget=10", "batch_size=64",
+         'attack_options={"gradient_matching": {"steps": 2, "restarts": 1, "shift": 1}}'])
+
+
+def test_onecycle_rises_then_falls_to_near_zero():
+    factors = [onecycle_factor(e, 10) for e in range(10)]
+    assert factors[0] < factors[1] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(factors[1:], factors[2:]))
+    assert 0 < factors[-1] < 0.1
+
+
+def test_scratch_full_preset_records_signals_and_runs_the_purifiers(tmp_path):
+    out, cache = tmp_path / "run.jsonl", tmp_path / "cache"
+    defenses = ["none", "clean", "jpeg:quality=25", "friendly_noise:steps=2", "density"]
+    poisoning.run(smoke_preset(), "gradient_matching", 1, defenses, out, "", cache, record_signals=True)
+    rows = {r["defense"]: r for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "victim"}
+    assert set(rows) == set(defenses)
+    assert rows["jpeg:quality=25"]["policy_options"] == {"quality": 25}
+    assert rows["jpeg:quality=25"]["seconds_prefix"] == 0.0          # trained from scratch on purified data
+    assert rows["friendly_noise:steps=2"]["seconds_prefix"] > 0       # branched after the shared prefix
+    assert rows["density"]["round_epochs"] == [1, 2]                  # a round every epoch from epoch 1
+    run_dir = next((cache / "signals").iterdir())
+    meta = json.loads((run_dir / "meta.json").read_text())
+    is_poison = np.load(run_dir / "is_poison.npy")
+    assert is_poison.sum() == 10 and meta["poison_indices"] == np.flatnonzero(is_poison).tolist()
+    epochs = sorted(int(p.stem[5:]) for p in run_dir.glob("epoch*.npz"))
+    assert epochs == [0, 1, 2]
+    arrays = load_epoch(run_dir, 2)
+    n = len(is_poison)
+    assert arrays["logits"].shape == (n, 10) and arrays["train_logits"].shape == (n, 10)
+    assert np.isfinite(arrays["train_logits"]).all()                  # every example harvested once per epoch
+    focus = np.load(run_dir / "focus.npy")
+    assert arrays["jpeg_logits"].shape == (len(focus), 10)
+    # the recorder's eval logits are those of the final undefended model (same run, same epoch)
+    rows_study = detection_study.study_run(run_dir, epochs=[2])
+    signals = {r["signal"] for r in rows_study}
+    assert {"loss_low", "jpeg_loss_rise", "policy:density(default)", "policy:epic-0.1"} <= signals
+    for r in rows_study:
+        if r.get("auroc_in_class") is not None:
+            assert 0.0 <= r["auroc_in_class"] <= 1.0
+
+
+def test_detection_metrics_on_known_scores():
+    pos, neg = np.array([3.0, 4.0, 5.0]), np.array([0.0, 1.0, 2.0, 3.0])
+    assert detection_study.auroc(pos, neg) == pytest.approx((4 + 4 + 3.5) / 12)
+    assert detection_study.recall_at_fpr(pos, np.arange(100.0), 0.02) == pytest.approx(0.0)
+    assert detection_study.recall_at_fpr(np.array([99.5, 50.0]), np.arange(100.0), 0.02) == pytest.approx(0.5)
+    logits, feats, y = np.random.default_rng(0).normal(size=(5, 3)), np.ones((5, 2)), np.array([0, 1, 2, 0, 1])
+    emb = detection_study.last_layer(logits, feats, y)
+    assert emb.shape == (5, 9)
+    np.testing.assert_allclose(emb.reshape(5, 3, 3)[:, :, 2], detection_study.residual(logits, y), rtol=1e-6)
+
+
+def test_purifications_stay_in_range_and_friendly_noise_keeps_the_output():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16)
+    assert (jpeg_compress(x, 90) - x).abs().mean() < (jpeg_compress(x, 10) - x).abs().mean()
+    noisy = uniform_noise(x, 8 / 255, seed=1)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and (noisy - x).abs().max() <= 8 / 255 + 1e-6
+    torch.testing.assert_close((bernoulli_noise(x, 0.1) - x).abs(), torch.full_like(x, 0.1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    noise = friendly_noise(model, x, eps=16 / 255, steps=20, lr=10.0)
+    assert noise.abs().max() <= 16 / 255 + 1e-6
+    assert noise.abs().mean() > 4 / 255          # grown beyond the ±8/255 uniform start on average
+    with torch.no_grad():
+        before = torch.softmax(model(x), 1)
+        after = torch.softmax(model((x + noise).clamp(0, 1)), 1)
+    assert (before - after).abs().max() < 0.1     # the model's output barely moves
