@@ -122,7 +122,11 @@ def class_signals(a: dict[str, np.ndarray], labels: np.ndarray, members: np.ndar
         tl = cross_entropy(a["train_logits"][members], y)
         out["train_loss_low"] = -tl
         out["train_loss_high"] = tl
-    spaces = {"last_layer": last_layer(logits, feats, y), "logits": res, "features": feats}
+    ll = last_layer(logits, feats, y)
+    spaces = {"last_layer": ll, "logits": res, "features": feats,
+              # directions only: small (easy) gradients no longer crowd the origin
+              "last_layer_cosine": ll / (np.linalg.norm(ll, axis=1, keepdims=True) + 1e-12),
+              "features_cosine": feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)}
     for name, x in spaces.items():
         for k in (10, 100):
             iso = np.log(class_isolation(x, k) + 1e-12)
@@ -143,6 +147,8 @@ def class_signals(a: dict[str, np.ndarray], labels: np.ndarray, members: np.ndar
             out[f"{view}_feature_shift"] = np.linalg.norm(vf - feats, axis=1) / (np.linalg.norm(feats, axis=1) + 1e-6)
             out[f"{view}_lastlayer_shift"] = np.linalg.norm(last_layer(vl, vf, y) - spaces["last_layer"], axis=1)
             out[f"{view}_prob_drop"] = softmax(logits)[np.arange(len(y)), y] - softmax(vl)[np.arange(len(y)), y]
+            for name in ("loss_rise", "feature_shift", "lastlayer_shift"):  # both directions
+                out[f"{view}_{name}_low"] = -out[f"{view}_{name}"]
     if prev is not None:
         out["loss_fall_since_prev"] = cross_entropy(prev["logits"][members], y) - loss
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,20 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
             raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples")
         out.append(int(item[1]))
     return np.asarray(out, dtype=np.int64)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two fetches of the same dataset item differ (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape != b.shape or not torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a != b)
+    except Exception:  # objects without a usable comparison: assume equal
+        return False
 
 
 class Sanitizer:
@@ -89,9 +104,15 @@ class Sanitizer:
         verbose: bool = False,
         audit: bool = False,
         audit_policies: Sequence[str | Policy] = (),
+        epochs: int | None = None,
+        check: bool = True,
     ) -> None:
         if warmup < 0 or every < 1:
             raise SanitizerError("warmup must be >= 0 and every >= 1")
+        if epochs is not None and warmup >= epochs:
+            warnings.warn(f"warmup={warmup} but training has {epochs} epochs: no sanitization round will run and "
+                          f"nothing will be dropped. Lower warmup (e.g. warmup={max(1, epochs // 5)}, "
+                          f"every={max(1, epochs // 5)}).", stacklevel=2)
         self.model = model
         self.dataset = dataset
         self.embed_dataset = embed_dataset if embed_dataset is not None else dataset
@@ -125,7 +146,32 @@ class Sanitizer:
         self.last_scores: np.ndarray | None = None
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
+        self.epochs = epochs
         self._samplers: list[KeepSampler] = []
+        if check:
+            self._check_model_and_data()
+
+    # -- checks at construction (fail before training, not at the first round) -----------------------
+    def _check_model_and_data(self) -> None:
+        """Embed one example now: a model without a usable last layer or data the model cannot take
+        fails here, not after the warm-up epochs. Also warns when ``embed_dataset`` is augmented."""
+        rows = np.arange(min(1, self.size))  # one example: no padding needed yet (a trainer may add the collate later)
+        try:
+            self._embed_rows(rows)
+        except SanitizerError as exc:
+            hint = ("" if self.embedding == "params" else
+                    " Or use embedding='params' (sketched gradients of the parameters, no nn.Linear needed).")
+            raise SanitizerError(f"the sanitizer cannot embed this model and data ({exc}).{hint}") from exc
+        except Exception as exc:  # the user's model or collate raised: say where it happened
+            raise SanitizerError(
+                f"running the model on one example of embed_dataset failed with {type(exc).__name__}: {exc}. "
+                "The dataset must yield (input, label, ...) or a dict with a 'labels' entry the model accepts; "
+                "pass embed_collate= for inputs that need padding.") from exc
+        if _differs(self.embed_dataset[0], self.embed_dataset[0]):
+            warnings.warn("embed_dataset returns a different example each time it is indexed (random augmentation?). "
+                          "Pass embed_dataset= the same examples without random transforms: embeddings of random "
+                          "views are noisy and the certificate's fingerprint would not be reproducible.",
+                          stacklevel=3)
 
     # -- what is kept ---------------------------------------------------------------------------
     @property
@@ -153,6 +199,9 @@ class Sanitizer:
         record = None
         if self.is_round_epoch(epoch) and not any(r["epoch"] == epoch for r in self.history):
             record = self.run_round(epoch)
+        if self.epochs is not None and epoch == self.epochs - 1 and not self.history:
+            warnings.warn(f"the last epoch ({epoch}) has started and no sanitization round has run "
+                          f"(warmup={self.warmup}, every={self.every}); nothing was dropped", stacklevel=2)
         self.epoch = epoch
         for sampler in self._samplers:
             sampler.set_epoch(epoch)

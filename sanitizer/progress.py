@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 
 def progress(iterable=None, **kwargs):
-    """``tqdm`` with the package's defaults; disable with SANITIZER_PROGRESS=0."""
-    kwargs.setdefault("disable", os.environ.get("SANITIZER_PROGRESS", "1") == "0")
+    """``tqdm`` with the package's defaults: shown on a terminal only (a redirected log stays clean);
+    SANITIZER_PROGRESS=0 hides the bars everywhere, SANITIZER_PROGRESS=1 shows them everywhere."""
+    kwargs.setdefault("disable", {"0": True, "1": False}.get(os.environ.get("SANITIZER_PROGRESS", ""), None))
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
