@@ -40,6 +40,19 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def default_schedule(warmup: int | None, every: int | None, epochs: int | None) -> tuple[int, int]:
+    """The round schedule: given values win; otherwise the first round comes after a fifth of the
+    training (``epochs`` known) and then every fifth, or after 10 epochs and every 5 when ``epochs``
+    is not given. A fifth: poisons that are learned abnormally fast stand out most clearly then (the
+    dense side of the ``density`` policy acts in that first round), and a model that has seen every
+    example once or twice embeds them meaningfully."""
+    if epochs is not None and epochs < 1:
+        raise SanitizerError(f"epochs must be >= 1, got {epochs}")
+    fifth = max(1, round(epochs / 5)) if epochs is not None else None
+    return (warmup if warmup is not None else fifth if fifth is not None else 10,
+            every if every is not None else fifth if fifth is not None else 5)
+
+
 def _differs(a: Any, b: Any) -> bool:
     """Whether two fetches of the same dataset item differ (tensors compared exactly)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -86,8 +99,8 @@ class Sanitizer:
         policy: str | Policy = "density",
         policy_options: dict[str, Any] | None = None,
         embedding: str | None = None,
-        warmup: int = 10,
-        every: int = 5,
+        warmup: int | None = None,
+        every: int | None = None,
         stop_epoch: int | None = None,
         cumulative: bool = True,
         embed_dataset: Dataset | None = None,
@@ -107,6 +120,7 @@ class Sanitizer:
         epochs: int | None = None,
         check: bool = True,
     ) -> None:
+        warmup, every = default_schedule(warmup, every, epochs)
         if warmup < 0 or every < 1:
             raise SanitizerError("warmup must be >= 0 and every >= 1")
         if epochs is not None and warmup >= epochs:
@@ -215,6 +229,7 @@ class Sanitizer:
         t0 = time.perf_counter()
         emb = self._embed(candidates)
         t1 = time.perf_counter()
+        self.policy.start_round(len(self.history))
         selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
                                        seed=self.seed * 1_000_003 + epoch)
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
@@ -270,6 +285,7 @@ class Sanitizer:
             kind = policy.embedding_kind or self.embedding
             if kind not in embeddings:
                 embeddings[kind] = self._embed(candidates, kind)
+            policy.start_round(len(self.history))
             sel = policy.select(embeddings[kind], labels, num_classes=self.num_classes,
                                 seed=self.seed * 1_000_003 + epoch)
             decisions[label] = (kind, sel)

@@ -123,7 +123,9 @@ def test_planted_points_are_dropped_during_training():
     _, san = run(ds, 6, dict(warmup=3, every=2))
     assert set(planted) <= set(san.dropped)
     assert len(san.history) == 2 and san.history[0]["epoch"] == 3
-    assert len(san.dropped) <= len(planted) + 8  # a few clean false positives out of 240
+    # a few clean false positives out of 234: the default's dense side flags up to ~5 % of a class's
+    # clean examples in its first round (benchmarks/RESULTS.md measures 1-6 % on CIFAR-10)
+    assert len(san.dropped) <= len(planted) + 12
 
 
 def test_resume_from_state_dict_reproduces_the_uninterrupted_run():

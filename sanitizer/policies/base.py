@@ -59,6 +59,10 @@ class Policy:
                           f"the {self.name!r} policy keeps them all", stacklevel=2)
         return Selection(keep, scores, info)
 
+    def start_round(self, index: int) -> None:
+        """Called by the Sanitizer before round ``index`` (0-based) is selected; policies whose
+        decision depends on the stage of training override it."""
+
     def select_class(self, x: np.ndarray, label: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """Return (positions to drop within the class, scores, info) for one class."""
         raise NotImplementedError

@@ -10,44 +10,80 @@ from sanitizer.policies.base import Policy, cap_count, register_policy
 
 @register_policy("density")
 class DensityPolicy(Policy):
-    """kNN isolation within each class, normalised per class, thresholded and capped.
+    """Two-sided kNN density within each class: drop the examples whose density is abnormal for
+    their class, in either direction.
 
-    The isolation of an example is the mean distance to its ``k`` nearest same-class neighbours;
-    its score is the robust z-score of log(isolation) within the class, so one ``threshold`` works
-    for every class. At most ``max_fraction`` of a class is dropped per round (most isolated first).
+    The isolation of an example is the mean distance to its ``k`` nearest same-class neighbours in
+    the embedding (faiss); its score is the robust z-score of log(isolation) within the class, so one
+    threshold works for every class. Two kinds of poison are abnormal in opposite directions:
 
-    With ``spectral=True`` the score is the larger of that and the robust z-score of the example's
-    deviation along its class's top principal direction
-    (:func:`~sanitizer.density.principal_deviation`): poisons crafted against one target move
-    together, so they form a tight group whose members vouch for each other in a kNN, but they
-    stretch their class along one direction. On the CIFAR-10 transfer tuning seeds this raised
-    recall from 0.20 to 0.74 on feature collision and from 0.66 to 0.82 on bullseye polytope
-    (``benchmarks/RESULTS.md``).
+    - **isolated** (z > ``threshold``): mislabelled examples, feature collision, bullseye polytope:
+      their gradient points away from their class;
+    - **too dense** (z < −``dense_threshold``): examples the model learns far faster than the rest of
+      their class sit at the origin of last-layer gradient space, packed together. From-scratch
+      gradient-matching poisons and backdoors are learned this way (on CIFAR-10 from scratch, 70–80 %
+      of the poisons of a set sit in the densest few percent of their class within the first quarter
+      of training; ``benchmarks/RESULTS.md``). Clean examples of a class are learned at a spread of
+      speeds, so few of them are as extreme.
+
+    Learning speed only tells poisons apart early: later in training every clean example is learned
+    too and the dense tail fills with clean ones. So the dense side acts in the first ``dense_rounds``
+    rounds of a sanitizer (default 1: the first round, at ``warmup``), the isolated side in every
+    round. ``two_sided=False`` keeps the isolation-only score of earlier versions. The reported score is
+    ``max(z, −z · threshold / dense_threshold)``: above ``threshold`` means dropped on either side.
+    At most ``max_fraction`` of a class is dropped per round (most extreme first): a guard against
+    emptying a class, large enough not to hide a 10 % contamination.
+
+    With ``spectral=True`` the isolation side also takes the robust z-score of the example's deviation
+    along its class's top principal direction (:func:`~sanitizer.density.principal_deviation`).
 
     Example:
         >>> policy = DensityPolicy(k=10, threshold=3.0)
         >>> sel = policy.select(embeddings, labels)  # doctest: +SKIP
+        >>> sel.info["per_class"][0]["too_dense"], sel.info["per_class"][0]["isolated"]  # doctest: +SKIP
     """
 
-    def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.05,
-                 backend: str = "auto", spectral: bool = False) -> None:
+    def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.2,
+                 backend: str = "auto", spectral: bool = False, two_sided: bool = True,
+                 dense_threshold: float | None = None, dense_rounds: int | None = 1) -> None:
         if k < 1:
             raise ValueError("k must be >= 1")
         if not 0 <= max_fraction <= 1:
             raise ValueError("max_fraction must be in [0, 1]")
+        if not threshold > 0 or (dense_threshold is not None and not dense_threshold > 0):
+            raise ValueError("threshold and dense_threshold are z-scores and must be > 0")
         self.k = k
         self.threshold = threshold
         self.max_fraction = max_fraction
         self.backend = backend
         self.spectral = bool(spectral)
+        self.two_sided = bool(two_sided)
+        self.dense_threshold = dense_threshold
+        if dense_rounds is not None and dense_rounds < 0:
+            raise ValueError("dense_rounds must be >= 0 (or None: every round)")
+        self.dense_rounds = dense_rounds
+        self._round = 0
+
+    def start_round(self, index: int) -> None:
+        self._round = int(index)
+
+    def dense_side_active(self) -> bool:
+        return self.two_sided and (self.dense_rounds is None or self._round < self.dense_rounds)
 
     def select_class(self, x: np.ndarray, label: int, seed: int):
         isolation = class_isolation(x, self.k, self.backend)
-        scores = robust_zscore(np.log(isolation + 1e-12))
+        z = robust_zscore(np.log(isolation + 1e-12))
+        scores = z
         if self.spectral:
             scores = np.maximum(scores, robust_zscore(principal_deviation(x, seed=seed) + 1e-12))
+        dense = np.zeros(len(x), dtype=bool)
+        if self.dense_side_active():
+            dense_threshold = self.dense_threshold or self.threshold
+            dense = z < -dense_threshold
+            scores = np.maximum(scores, -z * (self.threshold / dense_threshold))
         over = np.flatnonzero(scores > self.threshold)
         cap = cap_count(len(x), self.max_fraction)
         drop = over[np.argsort(-scores[over], kind="stable")][:cap]
         return drop, scores, {"n": len(x), "over_threshold": len(over), "dropped": len(drop),
+                              "too_dense": int(dense[drop].sum()), "isolated": int((~dense[drop]).sum()),
                               "median_isolation": float(np.median(isolation))}
