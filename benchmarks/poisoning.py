@@ -303,64 +303,60 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     model = setting.new_victim(seed)
     optimizer, scheduler = make_optimizer(model, config)
     prefix_seconds = 0.0
-    if any(spec != "clean" and spec not in done for spec in defenses):  # a resumed or clean-only run may not need it
+    from_scratch = ("clean", "jpeg")  # victims that do not branch from the prefix
+    if any(parse_defense(spec)[0] not in from_scratch and spec not in done for spec in defenses):
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
         t0 = time.perf_counter()
         continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
                           **record_hooks)
         prefix_seconds = time.perf_counter() - t0
 
-    if "clean" in defenses and "clean" not in done:
-        # Reference, not a defense: the same victim trained without the poisons (an oracle filter at
-        # epoch 0). Its hits are targets the clean model already sends to the adversarial class.
-        m = setting.new_victim(seed)
-        opt, sch = make_optimizer(m, config)
-        oracle = Sanitizer(m, data.train, policy="none", warmup=NEVER, seed=seed)
-        oracle.keep[data.is_poison] = False
-        t1 = time.perf_counter()
-        continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean")
-        row = {**common, "defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None,
-               **evaluate(m, data, adv), **detection(oracle, data.is_poison),
-               "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
-        write(row)
-        done["clean"] = row
-
-    for spec in defenses:
-        if parse_defense(spec)[0] in PURIFIERS and spec not in done:
-            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end)
-            shared = prefix_seconds if row.pop("uses_prefix") else 0.0
-            outcome = evaluate(row.pop("model"), data, adv)
-            row = {**common, **row, **outcome, "seconds": row["seconds"] + shared,
-                   "seconds_prefix": shared}
-            write(row)
-            done[spec] = row
-
+    # Victims in the order the defenses are listed (resumed runs skip the finished ones).
     matched: list[int] | None = None
     for spec in defenses:
-        if spec == "clean" or parse_defense(spec)[0] in PURIFIERS:
-            continue
-        if parse_defense(spec)[0] == "density" and matched is None:
-            matched = (done[spec]["dropped_per_round"] if spec in done else None)
+        name = parse_defense(spec)[0]
+        if name == "density" and matched is None and spec in done:
+            matched = done[spec]["dropped_per_round"]
         if spec in done:
             continue
-        policy, options = build_policy(spec, preset, matched)
-        sched = schedule_for(spec, preset)
-        m, opt, sch = branch(model, optimizer, scheduler, config)
-        hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
-        sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
-                              embedding=parse_defense(spec, preset)[1].get("embedding"), **sched)
-        t1 = time.perf_counter()
-        continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
-                          **(record_hooks if spec == "none" else {}))
-        seconds = prefix_seconds + time.perf_counter() - t1
-        row = {**common, "defense": spec, "policy_options": options, "schedule": sched,
-               "embedding": sanitizer.embedding,
-               **evaluate(m, data, adv), **detection(sanitizer, data.is_poison),
-               "seconds": seconds, "seconds_prefix": prefix_seconds}
+        if spec == "clean":
+            row = clean_victim(setting, data, config, seed)
+        elif name in PURIFIERS:
+            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end)
+            shared = prefix_seconds if row.pop("uses_prefix") else 0.0
+            row.update(seconds=row["seconds"] + shared, seconds_prefix=shared)
+        else:
+            policy, options = build_policy(spec, preset, matched)
+            sched = schedule_for(spec, preset)
+            m, opt, sch = branch(model, optimizer, scheduler, config)
+            hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
+            sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
+                                  embedding=parse_defense(spec, preset)[1].get("embedding"), **sched)
+            t1 = time.perf_counter()
+            continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
+                              **(record_hooks if spec == "none" else {}))
+            row = {"defense": spec, "policy_options": options, "schedule": sched, "embedding": sanitizer.embedding,
+                   "model": m, **detection(sanitizer, data.is_poison),
+                   "seconds": prefix_seconds + time.perf_counter() - t1, "seconds_prefix": prefix_seconds}
+        outcome = evaluate(row.pop("model"), data, adv)
+        row = {**common, **row, **outcome}
         write(row)
         done[spec] = row
-        if parse_defense(spec)[0] == "density" and matched is None:
+        if name == "density" and matched is None:
             matched = row["dropped_per_round"]
+
+
+def clean_victim(setting: Setting, data: VictimData, config, seed: int) -> dict:
+    """Reference, not a defense: the same victim trained without the poisons (an oracle filter at
+    epoch 0). Its hits are targets the clean model already sends to the adversarial class."""
+    m = setting.new_victim(seed)
+    opt, sch = make_optimizer(m, config)
+    oracle = Sanitizer(m, data.train, policy="none", warmup=NEVER, seed=seed)
+    oracle.keep[data.is_poison] = False
+    t1 = time.perf_counter()
+    continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean")
+    return {"defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
+            **detection(oracle, data.is_poison), "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------
