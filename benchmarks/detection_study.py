@@ -156,7 +156,10 @@ def class_signals(a: dict[str, np.ndarray], labels: np.ndarray, members: np.ndar
 
 POLICIES: dict[str, tuple[str, Callable[[], object]]] = {
     # name: (embedding, policy factory) -- the shipped default first
+    # the default as in its first round (dense side on); later rounds only use the isolated side
     "density(default)": ("last_layer", lambda: make_policy("density")),
+    "density:two_sided=false (old default)": ("last_layer", lambda: make_policy("density", two_sided=False,
+                                                                               max_fraction=0.05)),
     "density:features,k=100,t=2": ("features", lambda: make_policy("density", k=100, threshold=2.0)),
     "density+spectral": ("last_layer", lambda: make_policy("density", spectral=True)),
     "epic-0.1": ("logits", lambda: make_policy("epic-0.1")),
@@ -213,7 +216,9 @@ def study_run(run_dir: Path, epochs: list[int] | None = None, with_policies: boo
     for epoch in available:
         a = load_epoch(run_dir, epoch)
         if epochs is None or epoch in epochs:
-            base = {"run": run_dir.name, "seed": meta["seed"], "epoch": epoch, "adversarial_class": adv,
+            # epoch<e>.npz is the model after epoch e: what a round at the start of epoch e + 1 sees
+            base = {"run": run_dir.name, "seed": meta["seed"], "epoch": epoch, "round_epoch": epoch + 1,
+                    "adversarial_class": adv,
                     "target_adv_prob": float(softmax(a["target_logits"])[0, adv])}
             for name, s in class_signals(a, labels, members, focus, prev).items():
                 z = robust_zscore(s)

@@ -49,7 +49,8 @@ from sanitizer.progress import log, progress
 from sanitizer.train import continue_training, make_optimizer, predict_proba
 
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
-PURIFIERS = ("jpeg", "friendly_noise")  # data purifications, not policies (see purified_victim)
+PURIFIERS = ("jpeg", "friendly_noise")
+SCHEDULE_KEYS = ("warmup", "every", "stop_epoch")  # data purifications, not policies (see purified_victim)
 NEVER = 10**9
 
 
@@ -98,6 +99,8 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
     """
     name, options = parse_defense(spec, preset)
     options.pop("embedding", None)
+    for key in SCHEDULE_KEYS:  # schedule overrides go to the Sanitizer (see schedule_for)
+        options.pop(key, None)
     if name == "random":
         if matched_counts is None:
             raise SystemExit("the random control drops as many as density in the same trial: "
@@ -111,12 +114,17 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
 
 
 def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
-    name, _ = parse_defense(spec)
+    """The defense's round schedule: the preset's, unless the spec overrides it (``density:warmup=3``:
+    the victim still branches from the shared prefix at the preset's warmup; its first round comes later)."""
+    name, options = parse_defense(spec)
     if name == "none":
         return {"warmup": NEVER, "every": 1, "stop_epoch": None}
-    if name in ONE_SHOT:
-        return {"warmup": preset.warmup, "every": 1, "stop_epoch": preset.warmup}
-    return {"warmup": preset.warmup, "every": preset.every, "stop_epoch": preset.stop_epoch}
+    base = ({"warmup": preset.warmup, "every": 1, "stop_epoch": preset.warmup} if name in ONE_SHOT else
+            {"warmup": preset.warmup, "every": preset.every, "stop_epoch": preset.stop_epoch})
+    overrides = {k: options[k] for k in SCHEDULE_KEYS if k in options}
+    if overrides.get("warmup", preset.warmup) < preset.warmup:
+        raise SystemExit(f"{spec}: warmup must be >= the preset's warmup {preset.warmup} (the shared prefix)")
+    return {**base, **overrides}
 
 
 def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int) -> dict:
