@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
 from sanitizer.embeddings import gradient_embeddings
-from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
@@ -46,8 +46,8 @@ def default_schedule(warmup: int | None, every: int | None, epochs: int | None) 
     ``epochs`` is not given. 30 %: on CIFAR-10 from scratch, poisons that are learned abnormally fast
     stand out from 30 % to 50 % of the training (the dense side of the ``density`` policy acts in
     that first round) and not yet after 20 % (benchmarks/RESULTS.md)."""
-    if epochs is not None and epochs < 1:
-        raise SanitizerError(f"epochs must be >= 1, got {epochs}")
+    if epochs is not None:
+        epochs = check_positive_int(epochs, "epochs")
     if epochs is None:
         return (10 if warmup is None else warmup), (5 if every is None else every)
     return (max(1, round(0.3 * epochs)) if warmup is None else warmup,
@@ -122,8 +122,9 @@ class Sanitizer:
         check: bool = True,
     ) -> None:
         warmup, every = default_schedule(warmup, every, epochs)
-        if warmup < 0 or every < 1:
-            raise SanitizerError("warmup must be >= 0 and every >= 1")
+        warmup, every = check_positive_int(warmup, "warmup", 0), check_positive_int(every, "every")
+        if stop_epoch is not None:
+            stop_epoch = check_positive_int(stop_epoch, "stop_epoch", 0)
         if epochs is not None and warmup >= epochs:
             warnings.warn(f"warmup={warmup} but training has {epochs} epochs: no sanitization round will run and "
                           f"nothing will be dropped. Lower warmup (e.g. warmup={max(1, epochs // 5)}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,6 +173,18 @@ def gradient_embeddings(
     if kind not in KINDS:
         raise SanitizerError(f"unknown embedding kind {kind!r}; choose one of {KINDS}")
     n = check_map_dataset(dataset)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise SanitizerError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if int(max_dim) != max_dim or max_dim < 1:
+        raise SanitizerError(f"max_dim must be a positive integer, got {max_dim!r}")
+    if indices is not None:
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+            raise SanitizerError("indices must be a 1-D sequence of integer dataset positions")
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = int(indices[(indices < 0) | (indices >= n)][0])
+            raise SanitizerError(f"index {bad} is outside the dataset of {n} examples (negative indices are not "
+                                 "allowed: pass positions in [0, len(dataset)))")
     dev = _resolve_device(model, device)
     if kind == "params":
         if collate_fn is not None:

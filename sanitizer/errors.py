@@ -49,6 +49,12 @@ def check_embeddings(embeddings: torch.Tensor | np.ndarray, n: int | None = None
     arr = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
     if arr.ndim != 2:
         raise SanitizerError(f"embeddings must have shape [N, D], got {arr.shape}")
+    if arr.shape[1] == 0:
+        raise SanitizerError(f"embeddings have no coordinates (shape {arr.shape}); check the embedding kind")
+    if np.iscomplexobj(arr):
+        raise SanitizerError("embeddings are complex; pass real values (e.g. torch.view_as_real(x).flatten(1))")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise SanitizerError(f"embeddings must be numbers, got dtype {arr.dtype}")
     if n is not None and arr.shape[0] != n:
         raise SanitizerError(f"{arr.shape[0]} embeddings but {n} labels; they must match one to one")
     finite = np.isfinite(arr).all(axis=1)
@@ -59,3 +65,24 @@ def check_embeddings(embeddings: torch.Tensor | np.ndarray, n: int | None = None
             "diverged or the inputs are corrupt. Lower the learning rate or check the data before sanitizing."
         )
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, refusing floats like 1.5, bools, NaN and values below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise SanitizerError(f"{name} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise SanitizerError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_threshold(value, name: str = "threshold") -> float:
+    """A finite, positive float (a NaN threshold silently drops nothing)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SanitizerError(f"{name} must be a number, got {value!r}") from exc
+    if not np.isfinite(value) or value <= 0:
+        raise SanitizerError(f"{name} must be a finite number > 0, got {value}")
+    return value

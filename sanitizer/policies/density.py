@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sanitizer.density import class_isolation, principal_deviation, robust_zscore
+from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
 from sanitizer.policies.base import Policy, cap_count, register_policy
 
 
@@ -46,12 +47,12 @@ class DensityPolicy(Policy):
     def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.2,
                  backend: str = "auto", spectral: bool = False, two_sided: bool = True,
                  dense_threshold: float | None = None, dense_rounds: int | None = 1) -> None:
-        if k < 1:
-            raise ValueError("k must be >= 1")
+        k = check_positive_int(k, "k")
         if not 0 <= max_fraction <= 1:
-            raise ValueError("max_fraction must be in [0, 1]")
-        if not threshold > 0 or (dense_threshold is not None and not dense_threshold > 0):
-            raise ValueError("threshold and dense_threshold are z-scores and must be > 0")
+            raise SanitizerError(f"max_fraction must be in [0, 1], got {max_fraction}")
+        threshold = check_threshold(threshold)
+        if dense_threshold is not None:
+            dense_threshold = check_threshold(dense_threshold, "dense_threshold")
         self.k = k
         self.threshold = threshold
         self.max_fraction = max_fraction
