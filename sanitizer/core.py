@@ -115,7 +115,7 @@ class Sanitizer:
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         embed_collate: Callable | None = None,
         round_hooks: list[Callable[..., dict[str, Any] | None]] | None = None,
-        verbose: bool = False,
+        verbose: bool = True,
         audit: bool = False,
         audit_policies: Sequence[str | Policy] = (),
         epochs: int | None = None,
@@ -301,6 +301,33 @@ class Sanitizer:
                 "embedding": kind, "would_drop": [int(i) for i in would],
                 "per_class": {str(c): int((self.labels[would] == c).sum()) for c in range(self.num_classes)}}
         return out
+
+    def summary(self, top: int = 3) -> str:
+        """A plain-text table of the last round: per class, examples kept and dropped so far, the
+        score quantiles, and the ``top`` highest-scored example indices.
+
+        Example:
+            >>> print(sanitizer.summary())  # doctest: +SKIP
+        """
+        if not self.history:
+            return (f"no sanitization round has run yet (rounds start at epoch {self.warmup}, every {self.every}); "
+                    f"{self.size} examples kept")
+        last = self.history[-1]
+        scores = self.last_scores if self.last_scores is not None else np.full(self.size, np.nan)
+        lines = [f"round {last['round']} at epoch {last['epoch']} ({last['policy']} on {last['embedding']}"
+                 + (", audit: nothing dropped" if self.audit else "") + f"): {len(self.dropped)} of {self.size} "
+                 "dropped in total",
+                 f"{'class':>5} {'kept':>7} {'dropped':>7} {'score p50':>9} {'p95':>7} {'max':>7}  top-scored indices"]
+        for c in range(self.num_classes):
+            members = np.flatnonzero(self.labels == c)
+            s = scores[members]
+            finite = np.isfinite(s)
+            order = members[finite][np.argsort(-s[finite], kind="stable")][:top]
+            q = np.percentile(s[finite], [50, 95]) if finite.any() else [np.nan, np.nan]
+            mx = s[finite].max() if finite.any() else np.nan
+            lines.append(f"{c:>5} {int(self.keep[members].sum()):>7} {int((~self.keep[members]).sum()):>7} "
+                         f"{q[0]:>9.2f} {q[1]:>7.2f} {mx:>7.2f}  {', '.join(str(int(i)) for i in order)}")
+        return "\n".join(lines)
 
     def scores(self, policy: str | None = None, epoch: int | None = None) -> np.ndarray:
         """Per-example scores of an audited round (higher = more suspicious; NaN: not a candidate).

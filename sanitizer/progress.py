@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -17,5 +18,17 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+# One line per round and a few status lines go through the "sanitizer" logger: shown on stderr by
+# default, silenced with logging.getLogger("sanitizer").setLevel(logging.WARNING), or routed elsewhere
+# by giving the logger handlers of your own before importing sanitizer.
+LOGGER = logging.getLogger("sanitizer")
+if not LOGGER.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(_handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    LOGGER.info(message)

@@ -60,3 +60,29 @@ def test_a_schedule_that_never_runs_a_round_warns_early_and_at_the_last_epoch():
         san.start_epoch(epoch)
     with pytest.warns(UserWarning, match="no sanitization round has run"):
         san.start_epoch(9)
+
+
+def test_one_log_line_per_round_by_default_and_a_summary_table():
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    san = Sanitizer(CompactCNN(1, 2, 4), data(), warmup=0, every=1)
+    assert "no sanitization round has run yet" in san.summary()
+    collect = Collect()
+    logger = logging.getLogger("sanitizer")
+    logger.addHandler(collect)
+    try:
+        san.start_epoch(0)
+    finally:
+        logger.removeHandler(collect)
+    assert sum("[sanitizer] epoch 0" in m for m in collect.messages) == 1
+    table = san.summary(top=2).splitlines()
+    assert table[0].startswith("round 0 at epoch 0") and len(table) == 2 + 2  # header, columns, 2 classes
+    assert table[2].split()[0] == "0" and int(table[2].split()[1]) + int(table[2].split()[2]) == 20
