@@ -156,10 +156,9 @@ def class_signals(a: dict[str, np.ndarray], labels: np.ndarray, members: np.ndar
 
 POLICIES: dict[str, tuple[str, Callable[[], object]]] = {
     # name: (embedding, policy factory) -- the shipped default first
-    # the default as in its first round (dense side on); later rounds only use the isolated side
     "density(default)": ("last_layer", lambda: make_policy("density")),
-    "density:two_sided=false (old default)": ("last_layer", lambda: make_policy("density", two_sided=False,
-                                                                               max_fraction=0.05)),
+    # two-sided as in its first round (dense side on); later rounds only use the isolated side
+    "density:two_sided=true": ("last_layer", lambda: make_policy("density", two_sided=True)),
     "density:features,k=100,t=2": ("features", lambda: make_policy("density", k=100, threshold=2.0)),
     "density+spectral": ("last_layer", lambda: make_policy("density", spectral=True)),
     "epic-0.1": ("logits", lambda: make_policy("epic-0.1")),

@@ -179,7 +179,7 @@ def test_random_and_none():
             select(x, y, policy="random", nonsense=1)
 
 
-def test_default_two_sided_density_flags_a_tight_group_of_near_duplicates():
+def test_two_sided_density_flags_a_tight_group_of_near_duplicates():
     # 300 Gaussian points of one class and 30 near-copies of one point: isolation alone cannot see
     # them (each has 29 close neighbours); the dense side of the default score does.
     rng = np.random.default_rng(0)
@@ -187,8 +187,8 @@ def test_default_two_sided_density_flags_a_tight_group_of_near_duplicates():
     x[300:] = x[0] + 0.001 * rng.normal(size=(30, 16))
     y = np.zeros(330, dtype=int)
     group = np.arange(300, 330)
-    default = select(x, y, policy="density")
-    isolation_only = select(x, y, policy="density", two_sided=False)
+    default = select(x, y, policy="density", two_sided=True)
+    isolation_only = select(x, y, policy="density")  # the default: isolation only
     assert np.isin(group, default.dropped).mean() >= 0.9
     assert np.isin(group, isolation_only.dropped).mean() == 0.0
     assert len(np.setdiff1d(default.dropped, np.r_[group, 0])) <= 0.02 * 300  # few clean ones
@@ -199,7 +199,7 @@ def test_a_class_of_uniformly_easy_examples_is_not_emptied():
     # Every example equally easy (the same tiny spread): no tail is abnormal, little is dropped.
     rng = np.random.default_rng(1)
     x = (1e-4 * rng.normal(size=(500, 8))).astype(np.float32)
-    sel = select(x, np.zeros(500, dtype=int), policy="density")
+    sel = select(x, np.zeros(500, dtype=int), policy="density", two_sided=True)
     assert (~sel.keep).sum() <= 0.02 * 500
 
 
@@ -208,11 +208,11 @@ def test_dense_side_acts_in_the_first_rounds_only():
     x = rng.normal(size=(330, 16)).astype(np.float32)
     x[300:] = x[0] + 0.001 * rng.normal(size=(30, 16))
     y = np.zeros(330, dtype=int)
-    policy = make_policy("density")  # dense_rounds=1
+    policy = make_policy("density", two_sided=True)  # dense_rounds=1
     policy.start_round(0)
     assert np.isin(np.arange(300, 330), policy.select(x, y).dropped).all()
     policy.start_round(1)
     assert not np.isin(np.arange(300, 330), policy.select(x, y).dropped).any()
-    always = make_policy("density", dense_rounds=None)
+    always = make_policy("density", two_sided=True, dense_rounds=None)
     always.start_round(5)
     assert np.isin(np.arange(300, 330), always.select(x, y).dropped).all()
