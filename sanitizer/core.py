@@ -80,6 +80,17 @@ class Sanitizer:
     own embedding kind) *would* drop, and :meth:`scores` returns every example's score per round.
     Look before you let a defense remove anything.
 
+    Args (the most used; the rest are documented in README.md):
+        policy, policy_options: a policy name (``"density"``, ``"epic-0.1"``, ...) or instance, and its options.
+        embedding: ``"last_layer"`` (default), ``"logits"``, ``"features"`` or ``"params"``.
+        epochs: the planned number of epochs; sets the default schedule (first round after 30 %,
+            then every fifth) and lets the sanitizer warn when no round would run.
+        warmup, every, stop_epoch: an explicit schedule (rounds at warmup, warmup + every, ...).
+        embed_dataset: the same examples without random augmentation (what is embedded).
+        audit, audit_policies: score without dropping; also score these policies each round.
+        check: embed one example at construction so that problems surface before training.
+        verbose: one log line per round through the ``sanitizer`` logger.
+
     Example (a plain training loop; one added call per epoch)::
 
         sanitizer = Sanitizer(model, train_set, embed_dataset=train_set_without_augmentation,
