@@ -158,7 +158,7 @@ POLICIES: dict[str, tuple[str, Callable[[], object]]] = {
     # name: (embedding, policy factory) -- the shipped default first
     "density(default)": ("last_layer", lambda: make_policy("density")),
     # two-sided as in its first round (dense side on); later rounds only use the isolated side
-    "density:two_sided=true": ("last_layer", lambda: make_policy("density", two_sided=True)),
+    "density:two_sided=true": ("last_layer", lambda: make_policy("density", two_sided=True, max_fraction=0.2)),
     "density:features,k=100,t=2": ("features", lambda: make_policy("density", k=100, threshold=2.0)),
     "density+spectral": ("last_layer", lambda: make_policy("density", spectral=True)),
     "epic-0.1": ("logits", lambda: make_policy("epic-0.1")),

@@ -187,7 +187,7 @@ def test_two_sided_density_flags_a_tight_group_of_near_duplicates():
     x[300:] = x[0] + 0.001 * rng.normal(size=(30, 16))
     y = np.zeros(330, dtype=int)
     group = np.arange(300, 330)
-    default = select(x, y, policy="density", two_sided=True)
+    default = select(x, y, policy="density", two_sided=True, max_fraction=0.2)
     isolation_only = select(x, y, policy="density")  # the default: isolation only
     assert np.isin(group, default.dropped).mean() >= 0.9
     assert np.isin(group, isolation_only.dropped).mean() == 0.0
@@ -199,7 +199,7 @@ def test_a_class_of_uniformly_easy_examples_is_not_emptied():
     # Every example equally easy (the same tiny spread): no tail is abnormal, little is dropped.
     rng = np.random.default_rng(1)
     x = (1e-4 * rng.normal(size=(500, 8))).astype(np.float32)
-    sel = select(x, np.zeros(500, dtype=int), policy="density", two_sided=True)
+    sel = select(x, np.zeros(500, dtype=int), policy="density", two_sided=True, max_fraction=0.2)
     assert (~sel.keep).sum() <= 0.02 * 500
 
 
@@ -208,11 +208,11 @@ def test_dense_side_acts_in_the_first_rounds_only():
     x = rng.normal(size=(330, 16)).astype(np.float32)
     x[300:] = x[0] + 0.001 * rng.normal(size=(30, 16))
     y = np.zeros(330, dtype=int)
-    policy = make_policy("density", two_sided=True)  # dense_rounds=1
+    policy = make_policy("density", two_sided=True, max_fraction=0.2)  # dense_rounds=1
     policy.start_round(0)
     assert np.isin(np.arange(300, 330), policy.select(x, y).dropped).all()
     policy.start_round(1)
     assert not np.isin(np.arange(300, 330), policy.select(x, y).dropped).any()
-    always = make_policy("density", two_sided=True, dense_rounds=None)
+    always = make_policy("density", two_sided=True, dense_rounds=None, max_fraction=0.2)
     always.start_round(5)
     assert np.isin(np.arange(300, 330), always.select(x, y).dropped).all()

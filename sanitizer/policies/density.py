@@ -35,8 +35,8 @@ class DensityPolicy(Policy):
     (3.8× and 6.7×; docs/two-sided-density.md). Detection alone did not defend there, so it is not the
     default yet. The reported score is
     ``max(z, −z · threshold / dense_threshold)``: above ``threshold`` means dropped on either side.
-    At most ``max_fraction`` of a class is dropped per round (most extreme first): a guard against
-    emptying a class, large enough not to hide a 10 % contamination.
+    At most ``max_fraction`` of a class is dropped per round (most extreme first). With the two-sided
+    score pass a larger cap (e.g. 0.2): 10 % of a class can be poisons, and 5 % would hide half of them.
 
     With ``spectral=True`` the isolation side also takes the robust z-score of the example's deviation
     along its class's top principal direction (:func:`~sanitizer.density.principal_deviation`).
@@ -47,7 +47,7 @@ class DensityPolicy(Policy):
         >>> sel.info["per_class"][0]["too_dense"], sel.info["per_class"][0]["isolated"]  # doctest: +SKIP
     """
 
-    def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.2,
+    def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.05,
                  backend: str = "auto", spectral: bool = False, two_sided: bool = False,
                  dense_threshold: float | None = None, dense_rounds: int | None = 1) -> None:
         k = check_positive_int(k, "k")
