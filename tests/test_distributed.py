@@ -66,6 +66,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _train(rank, world, out_dir)
+        dist.barrier()  # both ranks done with every collective before gloo tears down (a teardown race
+        # once killed a rank with "terminate called without an active exception")
     finally:
         dist.destroy_process_group()
 
