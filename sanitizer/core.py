@@ -137,9 +137,10 @@ class Sanitizer:
         if stop_epoch is not None:
             stop_epoch = check_positive_int(stop_epoch, "stop_epoch", 0)
         if epochs is not None and warmup >= epochs:
+            suggested = default_schedule(None, None, epochs)
             warnings.warn(f"warmup={warmup} but training has {epochs} epochs: no sanitization round will run and "
-                          f"nothing will be dropped. Lower warmup (e.g. warmup={max(1, epochs // 5)}, "
-                          f"every={max(1, epochs // 5)}).", stacklevel=2)
+                          f"nothing will be dropped. Lower warmup, or leave warmup and every unset for the "
+                          f"default (warmup={suggested[0]}, every={suggested[1]}).", stacklevel=2)
         self.model = model
         self.dataset = dataset
         self.embed_dataset = embed_dataset if embed_dataset is not None else dataset
@@ -244,7 +245,7 @@ class Sanitizer:
         t1 = time.perf_counter()
         self.policy.start_round(len(self.history))
         selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
-                                       seed=self.seed * 1_000_003 + epoch)
+                                       seed=self._round_seed(epoch))
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
             selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
@@ -274,6 +275,10 @@ class Sanitizer:
             log(f"[sanitizer] epoch {epoch}: {what} (embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
         return record
 
+    def _round_seed(self, epoch: int) -> int:
+        """The seed a policy gets in the round at ``epoch`` (the same for the own and audited policies)."""
+        return self.seed * 1_000_003 + epoch
+
     # -- audit --------------------------------------------------------------------------------
     def _name_policies(self, policies: Sequence[str | Policy]) -> dict[str, Policy]:
         """Audit policies by label: the spec string given (``"epic-0.1"``) or the policy's name."""
@@ -300,7 +305,7 @@ class Sanitizer:
                 embeddings[kind] = self._embed(candidates, kind)
             policy.start_round(len(self.history))
             sel = policy.select(embeddings[kind], labels, num_classes=self.num_classes,
-                                seed=self.seed * 1_000_003 + epoch)
+                                seed=self._round_seed(epoch))
             decisions[label] = (kind, sel)
         out = {"mode": "audit" if self.audit else "drop", "policies": {}}
         for label, (kind, sel) in decisions.items():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sanitizer.data.tensors import ImageTensorDataset
+from sanitizer.errors import check_positive_int  # noqa: F401  (one check for the whole package)
 
 
 def require(value, name: str, attack: str, hint: str = ""):
@@ -32,10 +33,6 @@ def class_or_draw(value: int | None, num_classes: int, seed: int, name: str, exc
     return check_class(value, num_classes, name)
 
 
-def check_positive_int(value: int, name: str) -> int:
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return int(value)
 
 
 def resolve_single_target(test_set: ImageTensorDataset | None, target_index: int | None,
