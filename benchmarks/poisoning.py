@@ -50,7 +50,9 @@ from sanitizer.train import continue_training, make_optimizer, predict_proba
 
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
 PURIFIERS = ("jpeg", "friendly_noise")
-SCHEDULE_KEYS = ("warmup", "every", "stop_epoch")  # data purifications, not policies (see purified_victim)
+SCHEDULE_KEYS = ("warmup", "every", "stop_epoch")
+# options of the Sanitizer, not of the policy: density:action=unlearn:unlearn_lr=0.01
+SANITIZER_KEYS = ("embedding", "action", "unlearn_lr", "unlearn_passes")
 NEVER = 10**9
 
 
@@ -98,8 +100,7 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
     The option ``embedding=`` (e.g. ``density:embedding=logits``) goes to the Sanitizer, not the policy.
     """
     name, options = parse_defense(spec, preset)
-    options.pop("embedding", None)
-    for key in SCHEDULE_KEYS:  # schedule overrides go to the Sanitizer (see schedule_for)
+    for key in SCHEDULE_KEYS + SANITIZER_KEYS:  # schedule overrides go to the Sanitizer (see schedule_for)
         options.pop(key, None)
     if name == "random":
         if matched_counts is None:
@@ -111,6 +112,18 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
     if name == "spectral":
         options.setdefault("budget", preset.budget)          # drop 1.5 × budget per class
     return make_policy(name, **options), options
+
+
+def sanitizer_options(spec: str, preset: Preset) -> dict[str, Any]:
+    """The Sanitizer keywords a defense spec sets (embedding, action and the unlearning options)."""
+    options = parse_defense(spec, preset)[1]
+    out: dict[str, Any] = {"embedding": options.get("embedding"), "action": options.get("action", "drop")}
+    unlearn = {key: options[f"unlearn_{key}"] for key in ("lr", "passes") if f"unlearn_{key}" in options}
+    if "passes" in unlearn:
+        unlearn["max_passes"] = unlearn.pop("passes")
+    if unlearn:
+        out["unlearn_options"] = unlearn
+    return out
 
 
 def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
@@ -241,7 +254,8 @@ def detection(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, Any]:
             "dropped_per_round": [len(r["dropped_now"]) for r in sanitizer.history],
             "round_epochs": [r["epoch"] for r in sanitizer.history],
             "seconds_sanitizer": float(sum(r["seconds_embed"] + r["seconds_select"] for r in sanitizer.history)),
-            "diagnostics": [r["extras"] for r in sanitizer.history if "extras" in r] or None}
+            "diagnostics": [r["extras"] for r in sanitizer.history if "extras" in r] or None,
+            "unlearn": [r["unlearn"] for r in sanitizer.history if "unlearn" in r] or None}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -286,21 +300,26 @@ def signal_recorder(setting: Setting, attack: str, seed: int, target_index: int,
 
 
 def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: list[str], done: dict[str, dict],
-              cache_dir: Path, write, diagnostics: bool = False, record_signals: bool = False) -> None:
+              cache_dir: Path, write, diagnostics: bool = False, record_signals: bool = False,
+              victim_seed_offset: int = 0) -> None:
     """Craft once, train the shared prefix once, then one victim per defense not yet in ``done``.
 
     ``record_signals``: the undefended victim (and the shared prefix) record per-epoch logits and
-    features under ``cache_dir/signals`` for the offline detection study.
+    features under ``cache_dir/signals`` for the offline detection study. ``victim_seed_offset``: the
+    victims train from another seed (initialisation, order, augmentation) on the same poisons, which
+    measures how much of a defense's effect is training noise.
     """
     preset = setting.preset
     target_index, adv = draw_trial(setting, seed)
     poisons, craft_seconds = craft(setting, attack, seed, target_index, adv, cache_dir)
     data = setting.victim_data(poisons, target_index)
+    seed = seed + victim_seed_offset  # the victims' seed from here on
     config = preset.train_config(seed)
     recorder = (signal_recorder(setting, attack, seed, target_index, adv, data, cache_dir)
                 if record_signals and "none" not in done else None)
     record_hooks = {"on_batch": recorder.on_batch, "on_epoch_end": recorder.on_epoch_end} if recorder else {}
-    common = {"preset": preset.name, "attack": attack, "trial": trial, "seed": seed, "target_index": target_index,
+    common = {"preset": preset.name, "attack": attack, "trial": trial, "seed": seed - victim_seed_offset,
+              "victim_seed": seed, "target_index": target_index,
               "target_class": int(setting.test_set.labels[target_index]), "adversarial_class": adv,
               "budget": int(data.is_poison.sum()), "train_size": len(data.train), "craft_seconds": craft_seconds,
               "threads": torch.get_num_threads(), "device": str(preset.resolved_device()),
@@ -338,8 +357,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             sched = schedule_for(spec, preset)
             m, opt, sch = branch(model, optimizer, scheduler, config)
             hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
-            sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks,
-                                  embedding=parse_defense(spec, preset)[1].get("embedding"), **sched)
+            sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks, **sched,
+                                  **sanitizer_options(spec, preset))
             t1 = time.perf_counter()
             continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
                               **(record_hooks if spec == "none" else {}))
@@ -405,7 +424,7 @@ def check_same_run(out: Path, preset: Preset, attack: str, seed_start: int) -> N
 
 def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path, data_root: str,
         cache_dir: Path, seed_start: int = 0, trial_start: int = 0, diagnostics: bool = False,
-        record_signals: bool = False) -> Path:
+        record_signals: bool = False, victim_seed_offset: int = 0) -> Path:
     """Run (or resume) the benchmark and return the results file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     check_same_run(out, preset, attack, seed_start)
@@ -434,7 +453,7 @@ def run(preset: Preset, attack: str, trials: int, defenses: list[str], out: Path
         for trial in progress(todo, desc=f"{preset.name}/{attack}"):
             trial_done = {d: done[(trial, d)] for d in defenses if (trial, d) in done}
             run_trial(setting, attack, trial, seed_start + trial, defenses, trial_done, cache_dir, write,
-                      diagnostics, record_signals)
+                      diagnostics, record_signals, victim_seed_offset)
     return out
 
 
@@ -482,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record-signals", action="store_true",
                         help="the undefended victim saves per-epoch logits and features under CACHE_DIR/signals "
                              "for the offline detection study (benchmarks.detection_study)")
+    parser.add_argument("--victim-seed-offset", type=int, default=0,
+                        help="train the victims from seed + OFFSET on the same poisons (training-noise control; "
+                             "write to its own --out file)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Reproducible surrogates and victims: same threads + deterministic kernels give the same weights.
@@ -497,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     if "none" not in defenses:
         defenses.insert(0, "none")  # time ratios need undefended training in the same run
     out = run(preset, args.attack, args.trials, defenses, args.out, args.data_root, args.cache_dir,
-              args.seed_start, args.trial_start, args.diagnostics, args.record_signals)
+              args.seed_start, args.trial_start, args.diagnostics, args.record_signals, args.victim_seed_offset)
     if not args.no_report:
         from benchmarks.report import report
         print(report(out))

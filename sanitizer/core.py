@@ -18,8 +18,12 @@ from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, ch
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
+from sanitizer.unlearn import unlearn
 
 STATE_VERSION = 1
+# drop: flagged examples leave the training set; unlearn: they also get gradient ascent until the
+# model is at chance on them (sanitizer.unlearn), undoing what they already taught it.
+ACTIONS = ("drop", "unlearn")
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -89,6 +93,8 @@ class Sanitizer:
         embed_dataset: the same examples without random augmentation (what is embedded).
         audit, audit_policies: score without dropping; also score these policies each round.
         check: embed one example at construction so that problems surface before training.
+        action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
+            until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
         verbose: one log line per round through the ``sanitizer`` logger.
 
     Example (a plain training loop; one added call per epoch)::
@@ -131,6 +137,8 @@ class Sanitizer:
         audit_policies: Sequence[str | Policy] = (),
         epochs: int | None = None,
         check: bool = True,
+        action: str = "drop",
+        unlearn_options: dict[str, Any] | None = None,
     ) -> None:
         warmup, every = default_schedule(warmup, every, epochs)
         warmup, every = check_positive_int(warmup, "warmup", 0), check_positive_int(every, "every")
@@ -150,6 +158,10 @@ class Sanitizer:
                                  f"dataset has {self.size}; they must be the same examples in the same order")
         self.labels = check_labels(dataset_labels(self.embed_dataset), num_classes)
         self.num_classes = num_classes or int(self.labels.max()) + 1
+        if action not in ACTIONS:
+            raise SanitizerError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")
+        self.action = action
+        self.unlearn_options = dict(unlearn_options or {})
         self.policy = make_policy(policy, **(policy_options or {}))
         self.embedding = embedding or self.policy.embedding_kind or "last_layer"
         self.warmup, self.every, self.stop_epoch, self.cumulative = warmup, every, stop_epoch, cumulative
@@ -264,6 +276,10 @@ class Sanitizer:
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
         if audit is not None:
             record["audit"] = audit
+        if self.action == "unlearn" and len(dropped_now):
+            record["unlearn"] = unlearn(unwrap_model(self.model), self.embed_dataset, dropped_now, self.num_classes,
+                                        batch_size=min(self.batch_size, 128), collate_fn=self.embed_collate,
+                                        **self.unlearn_options)
         for hook in self.round_hooks:
             extra = hook(self, epoch, candidates, emb, selection)
             if extra:
