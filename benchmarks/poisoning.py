@@ -140,7 +140,8 @@ def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
     return {**base, **overrides}
 
 
-def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int) -> dict:
+def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,
+                    on_epoch_end=None) -> dict:
     """A victim trained on purified data: ``jpeg`` (every training image JPEG-compressed once, trained
     from scratch, as PureGen re-ran it) or ``friendly_noise`` (after the shared prefix, the
     branched model computes friendly noise once; every later batch gets it plus fresh ±8/255
@@ -172,7 +173,7 @@ def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed:
     purify_seconds = time.perf_counter() - t0
     keeper = Sanitizer(model, train, policy="none", warmup=NEVER, seed=seed)
     continue_training(model, train, config, optimizer, scheduler, keeper, start, config.epochs, desc=spec,
-                      batch_transform=transform)
+                      batch_transform=transform, on_epoch_end=on_epoch_end)
     return {"defense": spec, "policy_options": options, "schedule": {}, "embedding": None, "model": model,
             **detection(keeper, data.is_poison), "seconds": time.perf_counter() - t0,
             "seconds_purify": purify_seconds, "uses_prefix": uses_prefix}
@@ -232,6 +233,24 @@ def branch(model, optimizer, scheduler, config):
     opt2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     sched2.load_state_dict(copy.deepcopy(scheduler.state_dict()))
     return model2, opt2, sched2
+
+
+def target_tracer(data: VictimData, adversarial_class: int, trace: dict[int, float]):
+    """An ``on_epoch_end`` hook writing the target's adversarial probability after each epoch into
+    ``trace``: the final value is what the attack gets, the trajectory shows how noisy it is."""
+    def hook(epoch: int, model) -> None:
+        trace[int(epoch)] = float(predict_proba(model, data.target_input)[0, adversarial_class])
+    return hook
+
+
+def chain(*hooks):
+    """One ``on_epoch_end`` hook calling every given (non-None) hook in order."""
+    live = [h for h in hooks if h is not None]
+
+    def hook(epoch: int, model) -> None:
+        for h in live:
+            h(epoch, model)
+    return hook
 
 
 def evaluate(model, data: VictimData, adversarial_class: int) -> dict[str, Any]:
@@ -318,6 +337,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     recorder = (signal_recorder(setting, attack, seed, target_index, adv, data, cache_dir)
                 if record_signals and "none" not in done else None)
     record_hooks = {"on_batch": recorder.on_batch, "on_epoch_end": recorder.on_epoch_end} if recorder else {}
+    prefix_trace: dict[int, float] = {}
     common = {"preset": preset.name, "attack": attack, "trial": trial, "seed": seed - victim_seed_offset,
               "victim_seed": seed, "target_index": target_index,
               "target_class": int(setting.test_set.labels[target_index]), "adversarial_class": adv,
@@ -335,7 +355,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
         t0 = time.perf_counter()
         continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
-                          **record_hooks)
+                          on_batch=record_hooks.get("on_batch"),
+                          on_epoch_end=chain(record_hooks.get("on_epoch_end"), target_tracer(data, adv, prefix_trace)))
         prefix_seconds = time.perf_counter() - t0
 
     # Victims in the order the defenses are listed (resumed runs skip the finished ones).
@@ -346,10 +367,14 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             matched = done[spec]["dropped_per_round"]
         if spec in done:
             continue
+        trace: dict[int, float] = {}
+        tracer = target_tracer(data, adv, trace)
         if spec == "clean":
-            row = clean_victim(setting, data, config, seed)
+            row = clean_victim(setting, data, config, seed, tracer)
         elif name in PURIFIERS:
-            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end)
+            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
+            if row["uses_prefix"]:
+                trace.update({e: v for e, v in prefix_trace.items() if e not in trace})
             shared = prefix_seconds if row.pop("uses_prefix") else 0.0
             row.update(seconds=row["seconds"] + shared, seconds_prefix=shared)
         else:
@@ -360,20 +385,22 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks, **sched,
                                   **sanitizer_options(spec, preset))
             t1 = time.perf_counter()
+            trace.update(prefix_trace)
+            own = record_hooks if spec == "none" else {}
             continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
-                              **(record_hooks if spec == "none" else {}))
+                              on_batch=own.get("on_batch"), on_epoch_end=chain(own.get("on_epoch_end"), tracer))
             row = {"defense": spec, "policy_options": options, "schedule": sched, "embedding": sanitizer.embedding,
                    "model": m, **detection(sanitizer, data.is_poison),
                    "seconds": prefix_seconds + time.perf_counter() - t1, "seconds_prefix": prefix_seconds}
         outcome = evaluate(row.pop("model"), data, adv)
-        row = {**common, **row, **outcome}
+        row = {**common, **row, **outcome, "target_adv_prob_by_epoch": [trace[e] for e in sorted(trace)]}
         write(row)
         done[spec] = row
         if name == "density" and matched is None:
             matched = row["dropped_per_round"]
 
 
-def clean_victim(setting: Setting, data: VictimData, config, seed: int) -> dict:
+def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None) -> dict:
     """Reference, not a defense: the same victim trained without the poisons (an oracle filter at
     epoch 0). Its hits are targets the clean model already sends to the adversarial class."""
     m = setting.new_victim(seed)
@@ -381,7 +408,8 @@ def clean_victim(setting: Setting, data: VictimData, config, seed: int) -> dict:
     oracle = Sanitizer(m, data.train, policy="none", warmup=NEVER, seed=seed)
     oracle.keep[data.is_poison] = False
     t1 = time.perf_counter()
-    continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean")
+    continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean",
+                      on_epoch_end=on_epoch_end)
     return {"defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
             **detection(oracle, data.is_poison), "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
 

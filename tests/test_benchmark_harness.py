@@ -39,6 +39,9 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
         assert per["random"]["dropped_per_round"] == per["density"]["dropped_per_round"]
         for r in per.values():
             assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["target_adv_prob"] <= 1
+            # the per-epoch trace covers every epoch (prefix included) and ends at the final value
+            assert len(r["target_adv_prob_by_epoch"]) == 3
+            assert r["target_adv_prob_by_epoch"][-1] == pytest.approx(r["target_adv_prob"], rel=1e-5)
             assert r["poisons_dropped"] + r["clean_dropped"] == r["dropped"]
             assert r["seconds"] >= r["seconds_prefix"] > 0
 
