@@ -21,6 +21,7 @@ from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
 from sanitizer.unlearn import unlearn
 
 STATE_VERSION = 1
+STATE_KEYS = ("version", "size", "keep", "history", "epoch", "seed", "policy")
 # drop: flagged examples leave the training set; unlearn: they also get gradient ascent until the
 # model is at chance on them (sanitizer.unlearn), undoing what they already taught it.
 ACTIONS = ("drop", "unlearn")
@@ -39,9 +40,86 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
             out.append(int(item["labels"] if "labels" in item else item["label"]))
             continue
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples")
+            raise SanitizerError(f"the dataset yields {type(item).__name__} items; the sanitizer understands "
+                                 "(input, label, ...) tuples and dicts with a 'labels' entry. For other items pass "
+                                 "to_xy=lambda item: (input, label), e.g. to_xy=lambda d: (d['image'], d['target'])")
         out.append(int(item[1]))
     return np.asarray(out, dtype=np.int64)
+
+
+class XYView(Dataset):
+    """``dataset`` seen through ``to_xy``: item ``i`` is ``to_xy(dataset[i])``, an ``(input, label)`` pair.
+
+    What :class:`Sanitizer` embeds when it is given ``to_xy=`` (items it cannot read by itself, such
+    as ``{"image": ..., "label": ...}`` dicts whose keys are not the model's keyword arguments).
+
+    Example:
+        >>> rows = [{"image": torch.zeros(2), "label": 1}]
+        >>> XYView(rows, lambda d: (d["image"], d["label"]))[0]
+        (tensor([0., 0.]), 1)
+    """
+
+    def __init__(self, dataset: Dataset, to_xy: Callable[[Any], tuple[Any, Any]]) -> None:
+        if not callable(to_xy):
+            raise SanitizerError(f"to_xy must be a function item -> (input, label), got {type(to_xy).__name__}")
+        self.dataset, self.to_xy = dataset, to_xy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        try:
+            xy = self.to_xy(self.dataset[index])
+        except Exception as exc:
+            raise SanitizerError(f"to_xy raised {type(exc).__name__}: {exc} on item {index}; it must turn one "
+                                 "dataset item into (input, label)") from exc
+        if not isinstance(xy, (tuple, list)) or len(xy) != 2:
+            raise SanitizerError(f"to_xy must return an (input, label) pair, got {type(xy).__name__} for item {index}")
+        return xy[0], xy[1]
+
+
+# The keys a round record's one-line summary shows; the rest are named as details.
+_SUMMARY_KEYS = ("round", "epoch", "policy", "embedding", "candidates", "dropped_total",
+                 "seconds_embed", "seconds_select")
+
+
+class RoundRecord(dict):
+    """What one sanitization round did: a plain dict (JSON, indexing) that prints as one line.
+
+    ``print(sanitizer.history[-1])`` shows the counts; ``record["per_class"]``,
+    ``record["dropped_now"]`` (the indices) and ``dict(record)`` give the details.
+
+    Example:
+        >>> RoundRecord(round=0, epoch=3, policy="density", embedding="last_layer", candidates=300,
+        ...             dropped_now=[4, 9], dropped_total=2, seconds_embed=0.1, seconds_select=0.02)
+        RoundRecord(round 0 at epoch 3, density on last_layer: dropped 2 of 300 candidates, 2 in total; 0.12 s)
+    """
+
+    def dropped_count(self) -> int:
+        """Examples this round dropped (in audit mode: those the sanitizer's policy would drop)."""
+        audit = self.get("audit") or {}
+        if audit.get("mode") == "audit":
+            return len(audit["policies"].get(self.get("policy"), {}).get("would_drop", []))
+        return len(self.get("dropped_now", []))
+
+    def metrics(self) -> dict[str, float]:
+        """The round as scalar metrics for a logger (``sanitizer/dropped_now``, ``sanitizer/dropped_total``, ...)."""
+        return {"sanitizer/round": float(self.get("round", -1)), "sanitizer/dropped_now": float(self.dropped_count()),
+                "sanitizer/dropped_total": float(self.get("dropped_total", 0)),
+                "sanitizer/candidates": float(self.get("candidates", 0))}
+
+    def __repr__(self) -> str:
+        audit = (self.get("audit") or {}).get("mode") == "audit"
+        what = (f"would drop {self.dropped_count()} of {self.get('candidates')} candidates (audit: nothing dropped)"
+                if audit else f"dropped {self.dropped_count()} of {self.get('candidates')} candidates, "
+                f"{self.get('dropped_total')} in total")
+        seconds = float(self.get("seconds_embed", 0.0)) + float(self.get("seconds_select", 0.0))
+        details = [k for k in self if k not in _SUMMARY_KEYS and k != "dropped_now"]
+        return (f"RoundRecord(round {self.get('round')} at epoch {self.get('epoch')}, {self.get('policy')} on "
+                f"{self.get('embedding')}: {what}; {seconds:.2f} s" + (f"; details: {', '.join(details)}" if details
+                                                                        else "") + ")")
+
+    __str__ = __repr__
 
 
 def default_schedule(warmup: int | None, every: int | None, epochs: int | None) -> tuple[int, int]:
@@ -72,6 +150,18 @@ def _differs(a: Any, b: Any) -> bool:
         return False
 
 
+def _state_keep(keep: Any, size: int) -> np.ndarray:
+    """A saved keep mask as a bool array of ``size``, refusing other lengths, shapes and dtypes."""
+    arr = keep.detach().cpu().numpy() if isinstance(keep, torch.Tensor) else np.asarray(keep)
+    if arr.dtype != np.bool_:
+        raise SanitizerError(f"the saved keep mask has dtype {arr.dtype}, expected bool; the state is corrupt or "
+                             "was edited: save it again with Sanitizer.state_dict()")
+    if arr.shape != (size,):
+        raise SanitizerError(f"the saved keep mask has shape {arr.shape}, expected ({size},) (one flag per "
+                             "example); the state is corrupt or was edited: save it again with Sanitizer.state_dict()")
+    return arr.copy()
+
+
 class Sanitizer:
     """Drops isolated examples from a training set on a schedule while the model trains.
 
@@ -91,11 +181,13 @@ class Sanitizer:
             then every fifth) and lets the sanitizer warn when no round would run.
         warmup, every, stop_epoch: an explicit schedule (rounds at warmup, warmup + every, ...).
         embed_dataset: the same examples without random augmentation (what is embedded).
+        to_xy: a function item -> (input, label) for datasets whose items the sanitizer cannot read by
+            itself (e.g. ``to_xy=lambda d: (d["image"], d["label"])``); applied to ``embed_dataset``'s items.
         audit, audit_policies: score without dropping; also score these policies each round.
         check: embed one example at construction so that problems surface before training.
         action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
             until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
-        verbose: one log line per round through the ``sanitizer`` logger.
+        verbose: one log line per round through the ``sanitizer`` logger (``verbose=False``: none).
 
     Example (a plain training loop; one added call per epoch)::
 
@@ -139,6 +231,7 @@ class Sanitizer:
         check: bool = True,
         action: str = "drop",
         unlearn_options: dict[str, Any] | None = None,
+        to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
     ) -> None:
         warmup, every = default_schedule(warmup, every, epochs)
         warmup, every = check_positive_int(warmup, "warmup", 0), check_positive_int(every, "every")
@@ -152,6 +245,8 @@ class Sanitizer:
         self.model = model
         self.dataset = dataset
         self.embed_dataset = embed_dataset if embed_dataset is not None else dataset
+        if to_xy is not None:
+            self.embed_dataset = XYView(self.embed_dataset, to_xy)
         self.size = check_map_dataset(dataset)
         if check_map_dataset(self.embed_dataset) != self.size:
             raise SanitizerError(f"embed_dataset has {len(self.embed_dataset)} examples but the training "
@@ -182,12 +277,13 @@ class Sanitizer:
         # (epoch, policy label) -> float32 [size] scores (NaN where not a candidate), for every round
         self.audit_scores: dict[tuple[int, str], np.ndarray] = {}
         self.keep = np.ones(self.size, dtype=bool)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.last_scores: np.ndarray | None = None
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
         self.epochs = epochs
         self._samplers: list[KeepSampler] = []
+        self._seeded_samplers: list[KeepSampler] = []  # those shuffled with self.seed
         if check:
             self._check_model_and_data()
 
@@ -205,8 +301,10 @@ class Sanitizer:
         except Exception as exc:  # the user's model or collate raised: say where it happened
             raise SanitizerError(
                 f"running the model on one example of embed_dataset failed with {type(exc).__name__}: {exc}. "
-                "The dataset must yield (input, label, ...) or a dict with a 'labels' entry the model accepts; "
-                "pass embed_collate= for inputs that need padding.") from exc
+                "The dataset must yield (input, label, ...) or a dict with a 'labels' entry whose other entries "
+                "are the model's keyword arguments. For other items pass to_xy=lambda item: (input, label), "
+                "e.g. to_xy=lambda d: (d['image'], d['label']); pass embed_collate= for inputs that need "
+                "padding.") from exc
         if _differs(self.embed_dataset[0], self.embed_dataset[0]):
             warnings.warn("embed_dataset returns a different example each time it is indexed (random augmentation?). "
                           "Pass embed_dataset= the same examples without random transforms: embeddings of random "
@@ -234,7 +332,7 @@ class Sanitizer:
             return False
         return (epoch - self.warmup) % self.every == 0
 
-    def start_epoch(self, epoch: int) -> dict[str, Any] | None:
+    def start_epoch(self, epoch: int) -> RoundRecord | None:
         """Call at the start of every epoch: runs a round if one is due, then reseeds the samplers."""
         record = None
         if self.is_round_epoch(epoch) and not any(r["epoch"] == epoch for r in self.history):
@@ -248,7 +346,7 @@ class Sanitizer:
         return record
 
     # -- one round ------------------------------------------------------------------------------
-    def run_round(self, epoch: int) -> dict[str, Any]:
+    def run_round(self, epoch: int) -> RoundRecord:
         """Embed the candidates, apply the policy, update the keep mask and record the round."""
         self._check_size()
         candidates = np.flatnonzero(self.keep) if self.cumulative else np.arange(self.size)
@@ -261,8 +359,9 @@ class Sanitizer:
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
             selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
-        audit = self._audit_round(epoch, candidates, emb, selection)
         dropped_now = candidates[~selection.keep] if not self.audit else candidates[:0]
+        self._check_leaves_examples(epoch, dropped_now)
+        audit = self._audit_round(epoch, candidates, emb, selection)
         if self.cumulative:
             self.keep[dropped_now] = False
         else:
@@ -290,6 +389,23 @@ class Sanitizer:
                     f"dropped {len(dropped_now)} now, {len(self.dropped)} in total")
             log(f"[sanitizer] epoch {epoch}: {what} (embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
         return record
+
+    def _check_leaves_examples(self, epoch: int, dropped_now: np.ndarray) -> None:
+        """Refuse a round that would drop every remaining example (the loader would yield nothing; the
+        keep mask is left untouched), and warn when it drops the last examples of a class."""
+        before = self.keep if self.cumulative else np.ones(self.size, dtype=bool)
+        after = before.copy()
+        after[dropped_now] = False
+        if not after.any():
+            raise SanitizerError(
+                f"the round at epoch {epoch} would drop all {int(before.sum())} remaining examples "
+                f"(policy {self.policy.name!r}), leaving nothing to train on; nothing was dropped. Use a less "
+                "aggressive policy or threshold, or audit=True to look at the scores before dropping anything")
+        emptied = sorted(set(np.unique(self.labels[before]).tolist()) - set(np.unique(self.labels[after]).tolist()))
+        if emptied:
+            warnings.warn(f"the round at epoch {epoch} drops every remaining example of class(es) {emptied}: the "
+                          "model can no longer learn them. Check those labels, or use a less aggressive policy "
+                          "or threshold", stacklevel=3)
 
     def _round_seed(self, epoch: int) -> int:
         """The seed a policy gets in the round at ``epoch`` (the same for the own and audited policies)."""
@@ -399,7 +515,7 @@ class Sanitizer:
                                    max_dim=self.max_dim, seed=self.seed, indices=indices,
                                    num_classes=self.num_classes, collate_fn=self.embed_collate)
 
-    def _record(self, epoch, candidates, dropped_now, scores, t_embed, t_select) -> dict[str, Any]:
+    def _record(self, epoch, candidates, dropped_now, scores, t_embed, t_select) -> RoundRecord:
         labels = self.labels[candidates]
         per_class = {}
         for c in range(self.num_classes):
@@ -413,12 +529,12 @@ class Sanitizer:
                 "score_p95": float(np.percentile(s, 95)) if len(s) else None,
                 "score_max": float(s.max()) if len(s) else None,
             }
-        return {
-            "round": len(self.history), "epoch": int(epoch), "policy": self.policy.name,
-            "embedding": self.embedding, "candidates": int(len(candidates)),
-            "dropped_now": [int(i) for i in dropped_now], "dropped_total": int((~self.keep).sum()),
-            "per_class": per_class, "seconds_embed": round(t_embed, 4), "seconds_select": round(t_select, 4),
-        }
+        return RoundRecord(
+            round=len(self.history), epoch=int(epoch), policy=self.policy.name, embedding=self.embedding,
+            candidates=int(len(candidates)), dropped_now=[int(i) for i in dropped_now],
+            dropped_total=int((~self.keep).sum()), per_class=per_class, seconds_embed=round(t_embed, 4),
+            seconds_select=round(t_select, 4),
+        )
 
     # -- loaders --------------------------------------------------------------------------------
     def sampler(self, shuffle: bool = True, seed: int | None = None, num_replicas: int = 1, rank: int = 0,
@@ -429,16 +545,21 @@ class Sanitizer:
                         length)
         s.set_epoch(max(self.epoch, 0))
         self._samplers.append(s)
+        if seed is None:  # follows the sanitizer's seed, also when load_state_dict adopts another one
+            self._seeded_samplers.append(s)
         return s
 
     def wrap(self, loader: DataLoader) -> DataLoader:
         """A DataLoader like ``loader`` (same dataset, batch size, workers, collate, ...) over kept indices."""
+        return self._wrap(loader, DataLoader)
+
+    def _wrap(self, loader: DataLoader, loader_class: type[DataLoader]) -> DataLoader:
         if loader.dataset is not self.dataset and check_map_dataset(loader.dataset) != self.size:
             raise SanitizerError(f"the loader's dataset has {len(loader.dataset)} examples but the sanitizer "
                                  f"was built on {self.size}")
         layout = sampler_layout(loader)
         sampler = self.sampler(**layout)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **loader_settings(loader))
+        return loader_class(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **loader_settings(loader))
 
     # -- certificate ----------------------------------------------------------------------------
     def certificate(self, path: str | None = None, **options: Any) -> dict[str, Any]:
@@ -457,17 +578,19 @@ class Sanitizer:
                 "policy": self.policy.name,
                 "audit_scores": {f"{e}:{p}": torch.from_numpy(v.copy()) for (e, p), v in self.audit_scores.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise SanitizerError(f"unsupported sanitizer state version {state.get('version')}")
-        if int(state["size"]) != self.size:
-            raise SanitizerError(f"the checkpoint was taken on a dataset of {state['size']} examples, "
-                                 f"this one has {self.size}")
-        keep = state["keep"]
-        self.keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep, dtype=bool).copy()
-        self.history = [dict(r) for r in state["history"]]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. The state must come from a Sanitizer with the same dataset size
+        and policy; a different seed is adopted with a warning (the samplers that follow the sanitizer's
+        seed are reseeded), so the resumed run shuffles and drops exactly as the saved one would have.
+
+        Example:
+            >>> sanitizer.load_state_dict(torch.load("ckpt.pt", weights_only=True)["sanitizer"])  # doctest: +SKIP
+        """
+        self._check_state(state)
+        self.keep = _state_keep(state["keep"], self.size)
+        self.history = [RoundRecord(r) for r in state["history"]]
         self.epoch = int(state["epoch"])
-        self.seed = int(state["seed"])
+        self._adopt_seed(int(state["seed"]))
         self.audit_scores = {}
         for key, value in state.get("audit_scores", {}).items():
             epoch, label = key.split(":", 1)
@@ -475,3 +598,38 @@ class Sanitizer:
                                                                 else value, dtype=np.float32)
         for sampler in self._samplers:
             sampler.set_epoch(max(self.epoch, 0))
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state that is not a sanitizer state, or one saved by an incompatible Sanitizer."""
+        if not isinstance(state, Mapping):
+            raise SanitizerError(f"load_state_dict takes the dict returned by Sanitizer.state_dict(), got "
+                                 f"{type(state).__name__}")
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise SanitizerError(f"the sanitizer state lacks {', '.join(map(repr, missing))}; pass the dict returned "
+                                 "by Sanitizer.state_dict() (e.g. checkpoint['sanitizer']), not the model's or "
+                                 "the trainer's state")
+        history = state["history"]
+        if not isinstance(history, (list, tuple)) or not all(isinstance(r, Mapping) for r in history):
+            raise SanitizerError("the state's history must be a list of round dicts, as Sanitizer.state_dict() "
+                                 "saves it; the state is corrupt or was edited")
+        if state["version"] != STATE_VERSION:
+            raise SanitizerError(f"unsupported sanitizer state version {state['version']!r} (this sanitizer reads "
+                                 f"version {STATE_VERSION}); resume with the sanitizer version that saved it")
+        if int(state["size"]) != self.size:
+            raise SanitizerError(f"the checkpoint was taken on a dataset of {state['size']} examples, "
+                                 f"this one has {self.size}; resume on the same dataset")
+        if state["policy"] != self.policy.name:
+            raise SanitizerError(f"the state was saved by a Sanitizer with policy {state['policy']!r}, this one uses "
+                                 f"{self.policy.name!r}; build it with policy={state['policy']!r} to resume that run")
+
+    def _adopt_seed(self, seed: int) -> None:
+        """Take the saved run's seed (loudly when it differs) so rounds and shuffles continue that run."""
+        if seed == self.seed:
+            return
+        warnings.warn(f"the resumed state was saved with seed={seed} but this Sanitizer was built with "
+                      f"seed={self.seed}; adopting seed={seed} so the run continues as it would have. Build the "
+                      f"Sanitizer with seed={seed} to silence this", stacklevel=3)
+        self.seed = seed
+        for sampler in self._seeded_samplers:
+            sampler.seed = seed

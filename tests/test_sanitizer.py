@@ -176,3 +176,82 @@ def test_non_cumulative_mode_can_bring_examples_back():
     first = set(san.dropped)
     san.run_round(1)
     assert len(san.dropped) == 5 and set(san.dropped) != first
+
+
+# -- load_state_dict refuses what it cannot resume, and names the fix --------------------------------------
+def _saved(**kwargs):
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds, warmup=0, every=1, verbose=False, **kwargs)
+    san.run_round(0)
+    return ds, san, san.state_dict()
+
+
+@pytest.mark.parametrize("keep, problem", [
+    (torch.ones(239, dtype=torch.bool), r"shape \(239,\), expected \(240,\)"),
+    (torch.ones(240, 1, dtype=torch.bool), r"shape \(240, 1\)"),
+    (torch.ones(240, dtype=torch.uint8), "dtype uint8, expected bool"),
+    (torch.ones(240), "dtype float32"),
+])
+def test_a_keep_mask_of_the_wrong_length_shape_or_dtype_is_refused(keep, problem):
+    ds, _, state = _saved()
+    fresh = Sanitizer(CompactCNN(1, 2, width=4), ds, verbose=False)
+    state["keep"] = keep
+    with pytest.raises(SanitizerError, match=problem):
+        fresh.load_state_dict(state)
+    assert fresh.keep.all() and not fresh.history  # nothing was half-loaded
+
+
+def test_a_state_of_another_policy_or_with_missing_keys_is_refused():
+    ds, _, state = _saved(policy="random", policy_options={"count": 3})
+    with pytest.raises(SanitizerError, match="policy 'random'.*build it with policy='random'"):
+        Sanitizer(CompactCNN(1, 2, width=4), ds).load_state_dict(state)
+    del state["keep"], state["seed"]
+    with pytest.raises(SanitizerError, match="lacks 'keep', 'seed'.*Sanitizer.state_dict"):
+        Sanitizer(CompactCNN(1, 2, width=4), ds, policy="random", policy_options={"count": 3}).load_state_dict(state)
+    with pytest.raises(SanitizerError, match="lacks 'version'"):  # the model's state by mistake
+        Sanitizer(CompactCNN(1, 2, width=4), ds).load_state_dict(CompactCNN(1, 2, width=4).state_dict())
+
+
+def test_a_resumed_state_with_another_seed_is_adopted_loudly_and_the_sampler_follows_it():
+    ds, first, state = _saved(seed=1)
+    same = Sanitizer(CompactCNN(1, 2, width=4), ds, seed=1, verbose=False)
+    expected = same.wrap(DataLoader(ds, batch_size=16, shuffle=True))
+    other = Sanitizer(CompactCNN(1, 2, width=4), ds, seed=0, verbose=False)
+    loader = other.wrap(DataLoader(ds, batch_size=16, shuffle=True))
+    fixed = other.sampler(seed=7)  # an explicitly seeded sampler keeps its seed
+    same.load_state_dict(state)
+    with pytest.warns(UserWarning, match="saved with seed=1 but this Sanitizer was built with seed=0; adopting"):
+        other.load_state_dict(state)
+    assert other.seed == 1 and fixed.seed == 7
+    other.start_epoch(1)
+    same.start_epoch(1)
+    assert list(loader.sampler) == list(expected.sampler)
+    assert [r["dropped_now"] for r in other.history] == [r["dropped_now"] for r in same.history]
+
+
+# -- a round may not empty the training set ----------------------------------------------------------------
+def test_a_round_that_would_drop_every_example_raises_and_drops_nothing():
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds, warmup=0, every=1, policy="random",
+                    policy_options={"count": len(ds)}, verbose=False)
+    loader = san.wrap(DataLoader(ds, batch_size=16))
+    with pytest.raises(SanitizerError, match="would drop all 240 remaining examples"):
+        san.start_epoch(0)
+    assert san.keep.all() and not san.history and len(loader) == 15
+
+
+def test_a_round_that_drops_the_last_examples_of_a_class_warns():
+    from sanitizer.policies import Policy, Selection
+
+    class DropClassOne(Policy):
+        name = "drop-class-one"
+
+        def select(self, embeddings, labels, num_classes=None, seed=0):
+            labels = np.asarray(labels)
+            return Selection(labels != 1, (labels == 1).astype(float), {})
+
+    ds, _ = planted_dataset()
+    san = Sanitizer(CompactCNN(1, 2, width=4), ds, warmup=0, every=1, policy=DropClassOne(), verbose=False)
+    with pytest.warns(UserWarning, match=r"every remaining example of class\(es\) \[1\]"):
+        san.start_epoch(0)
+    assert len(san.dropped) == 120
