@@ -2,6 +2,7 @@
 
 from sanitizer.policies import (  # noqa: F401  (registration)
     activation_clustering,
+    cleanlab,
     deep_knn,
     density,
     epic,
