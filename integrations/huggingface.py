@@ -11,6 +11,10 @@ original length: it is made of kept examples only, the shuffled kept set followe
 them again as were dropped (``KeepSampler(length=len(dataset))``). The step count, the
 learning-rate schedule and resuming stay exactly as without the sanitizer.
 
+After each round the drop counts (``sanitizer/dropped_now``, ``sanitizer/dropped_total``,
+``sanitizer/round``, ``sanitizer/candidates``) go through ``Trainer.log``: they are in
+``trainer.state.log_history`` and reach every ``report_to`` integration.
+
 Under torch.distributed (``torchrun`` / ``accelerate launch``) every process runs the rounds
 together (the embeddings are sharded and gathered, see :mod:`sanitizer.distributed`) and accelerate
 splits the identical index stream into equal numbers of batches per process.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,11 +41,13 @@ STATE_FILE = "sanitizer_state.pt"
 
 
 class SanitizerTrainerCallback(TrainerCallback):
-    """Runs the round due at the start of each epoch. Added for you by :class:`SanitizedTrainer`;
-    on its own (with a plain ``Trainer``) it refuses to start, since it cannot install the sampler."""
+    """Runs the round due at the start of each epoch and passes its drop counts to ``log`` (the
+    trainer's ``Trainer.log``). Added for you by :class:`SanitizedTrainer`; on its own (with a plain
+    ``Trainer``) it refuses to start, since it cannot install the sampler."""
 
-    def __init__(self, sanitizer: Sanitizer) -> None:
+    def __init__(self, sanitizer: Sanitizer, log: Callable[[dict[str, float]], None] | None = None) -> None:
         self.sanitizer = sanitizer
+        self.log = log
         self.installed = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -52,7 +59,9 @@ class SanitizerTrainerCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is a float (epoch + fraction done); at an epoch boundary it is an integer.
-        self.sanitizer.start_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+        record = self.sanitizer.start_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+        if record is not None and self.log is not None:
+            self.log(record.metrics())
 
 
 class SanitizedTrainer(Trainer):
@@ -83,7 +92,7 @@ class SanitizedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if sanitizer.embed_collate is None and sanitizer.embed_dataset is sanitizer.dataset:
             sanitizer.embed_collate = self.data_collator
-        self.sanitizer_callback = SanitizerTrainerCallback(sanitizer)
+        self.sanitizer_callback = SanitizerTrainerCallback(sanitizer, log=self.log)
         self.sanitizer_callback.installed = True
         self.add_callback(self.sanitizer_callback)
 

@@ -18,7 +18,9 @@ happens *before* ``on_train_epoch_start``. So:
   kept set) raises.
 
 The sanitizer's state (keep mask, history, epoch) is saved in Lightning checkpoints through
-``state_dict`` / ``load_state_dict``.
+``state_dict`` / ``load_state_dict``. After each round the callback logs ``sanitizer/dropped_now``,
+``sanitizer/dropped_total``, ``sanitizer/round`` and ``sanitizer/candidates`` with ``pl_module.log``
+(at the end of the round's epoch, to every logger of the trainer and to ``trainer.callback_metrics``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class SanitizerCallback(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._loader: tuple[int, bool, KeepSampler] | None = None  # batch size, drop_last, sampler
         self._synced_epoch: int | None = None
+        self._logged_round: int | None = None
 
     # -- the loader ------------------------------------------------------------------------------
     def wrap(self, loader: DataLoader) -> DataLoader:
@@ -127,6 +130,16 @@ class SanitizerCallback(pl.Callback):
                    "; if it does, it was not set up again for this epoch (reload_dataloaders_every_n_epochs=1)")
             )
         self._check_length(trainer)
+        self._log_round(trainer, pl_module)
+
+    def _log_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the drop counts of the round that ran for this epoch (once)."""
+        history = self.sanitizer.history
+        if not history or history[-1]["epoch"] != trainer.current_epoch or history[-1]["round"] == self._logged_round:
+            return
+        self._logged_round = history[-1]["round"]
+        # Every rank holds the same values: no sync needed.
+        pl_module.log_dict(history[-1].metrics(), on_step=False, on_epoch=True, sync_dist=False)
 
     def _check_length(self, trainer: pl.Trainer) -> None:
         """The epoch Lightning set up must have as many batches as the kept set gives."""

@@ -225,3 +225,18 @@ def test_mismatched_and_iterable_datasets_are_refused(tmp_path):
 
     with pytest.raises(SanitizerError, match="map-style dataset"):
         SanitizedTrainer(model=model, args=_args(tmp_path), train_dataset=Stream(), sanitizer=sanitizer)
+
+
+def test_each_round_reaches_the_log_history(tmp_path):
+    images, labels, _ = planted_blobs()
+    dataset = DictImages(images, labels)
+    model = TinyImageClassifier()
+    sanitizer = Sanitizer(model, dataset, warmup=1, every=2, seed=0, verbose=False)
+    trainer = SanitizedTrainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=dataset,
+                               sanitizer=sanitizer)
+    trainer.train()
+    logged = [(e["epoch"], e["sanitizer/dropped_now"], e["sanitizer/dropped_total"])
+              for e in trainer.state.log_history if "sanitizer/dropped_now" in e]
+    expected = [(pytest.approx(r["epoch"]), len(r["dropped_now"]), r["dropped_total"]) for r in sanitizer.history]
+    assert len(expected) == 2 and expected[0][1] > 0
+    assert logged == expected

@@ -167,3 +167,20 @@ def test_ddp_two_processes_share_one_keep_mask(tmp_path):
     # Lightning's DistributedSamplerWrapper splits the kept set evenly: equal counts on both ranks.
     assert torch.equal(ranks[0]["seen"], ranks[1]["seen"])
     assert ranks[0]["seen"][-1] == -(-(len(dataset) - len(dropped)) // 2)
+
+
+def test_each_round_reaches_the_logger(tmp_path):
+    import csv
+
+    _, _, model, sanitizer, callback, loader = _setup()
+    logger = L.loggers.CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(tmp_path, [callback], max_epochs=4, logger=logger, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=loader)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sanitizer/dropped_now")]
+    logged = [(int(float(r["epoch"])), int(float(r["sanitizer/dropped_now"])), int(float(r["sanitizer/dropped_total"])))
+              for r in rows]
+    expected = [(r["epoch"], len(r["dropped_now"]), r["dropped_total"]) for r in sanitizer.history]
+    assert [e for e, _, _ in expected] == [1, 3] and expected[0][1] > 0
+    assert logged == expected
+    assert trainer.callback_metrics["sanitizer/dropped_total"] == len(sanitizer.dropped)
