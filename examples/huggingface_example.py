@@ -57,7 +57,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     train, test, planted = poisoned_digits()
-    train_set = DigitDicts(train.images, train.labels)
+    train_set = DigitDicts(*train.tensors)
     model = DigitClassifier()
     sanitizer = Sanitizer(model, train_set, warmup=3, every=2, seed=0)
     trainer = SanitizedTrainer(

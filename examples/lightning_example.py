@@ -33,7 +33,7 @@ class DigitClassifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        x, y, _ = batch
+        x, y = batch
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
