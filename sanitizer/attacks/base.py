@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import operator
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from sanitizer.data.tensors import ImageTensorDataset
-from sanitizer.data.views import PoisonedView
+from sanitizer.data.tensors import ImageTensorDataset, check_label_array, check_pixels, integer_array, read_npz
+from sanitizer.data.views import PoisonedDataset, PoisonedView, dataset_num_classes, map_dataset_length
+from sanitizer.errors import SanitizerError, check_positive_int
 
 FORMAT_VERSION = 1
 
@@ -43,7 +48,11 @@ class PoisonSet:
     [0, 1]) replace them and ``labels`` give their (possibly changed) labels. Targeted attacks
     record ``target_images``, ``target_labels`` (true classes) and ``adversarial_class``;
     backdoors record ``trigger`` (``[C, h, w]``) and ``source_class``. ``params`` holds every
-    parameter and seed used.
+    parameter and seed used; ``num_classes`` the training set's classes when known.
+
+    Everything is checked on construction, on load and before apply/save (:meth:`validate`):
+    unique non-negative integer indices, integer labels (below ``num_classes`` when known; against the
+    dataset's classes at apply time), finite images in [0, 1], one index, image and label per poison.
 
     Example:
         >>> poisons = make_attack("gradient_matching", eps=16/255).craft(train_set, ...)  # doctest: +SKIP
@@ -62,33 +71,84 @@ class PoisonSet:
     source_class: int = -1
     trigger: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        self.indices = np.asarray(self.indices, dtype=np.int64).reshape(-1)
-        self.images = np.asarray(self.images, dtype=np.float32)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise the dtypes of) every field; a :class:`SanitizerError` names the problem."""
+        self.indices = integer_array(self.indices, "poison indices")
+        if len(np.unique(self.indices)) != len(self.indices):
+            raise SanitizerError("poison indices contain duplicates; each training example is replaced at most once")
+        if self.num_classes is not None:
+            self.num_classes = check_positive_int(self.num_classes, "num_classes")
+        self.labels = check_label_array(self.labels, "poison labels", num_classes=self.num_classes)
+        self.images = check_pixels(self.images, "poison images")
         if not (len(self.indices) == len(self.images) == len(self.labels)):
-            raise ValueError(f"{len(self.indices)} indices, {len(self.images)} images and {len(self.labels)} "
-                             "labels: a PoisonSet needs one of each per poison")
+            raise SanitizerError(f"{len(self.indices)} indices, {len(self.images)} images and {len(self.labels)} "
+                                 "labels: a PoisonSet needs one of each per poison")
+        if self.target_images is not None:
+            self.target_images = check_pixels(self.target_images, "target images")
+        if self.target_labels is not None:
+            self.target_labels = check_label_array(self.target_labels, "target labels", num_classes=self.num_classes)
+            if self.target_images is not None and len(self.target_images) != len(self.target_labels):
+                raise SanitizerError(f"{len(self.target_images)} target images but {len(self.target_labels)} "
+                                     "target labels")
+        if self.target_indices is not None:
+            self.target_indices = integer_array(self.target_indices, "target indices")
+        if self.trigger is not None:
+            self.trigger = check_pixels(self.trigger, "the trigger", ndim=3)
+        for name in ("adversarial_class", "source_class"):
+            value = getattr(self, name)
+            try:
+                index = -2 if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                index = -2
+            if index < -1:
+                raise SanitizerError(f"{name} must be a class index or -1 (none), got {value!r}")
+            if self.num_classes is not None and index >= self.num_classes:
+                raise SanitizerError(f"{name}={index} is out of range for {self.num_classes} classes")
+            setattr(self, name, index)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def apply(self, dataset: ImageTensorDataset) -> PoisonedView:
-        """The poisoned training set: ``dataset`` with the poisons overlaid (``dataset`` is untouched)."""
-        if len(self.indices) and int(self.indices.max()) >= len(dataset):
-            raise IndexError(f"poison index {int(self.indices.max())} is outside a dataset of {len(dataset)}")
-        return PoisonedView(dataset, torch.from_numpy(self.indices), torch.from_numpy(self.images),
-                            torch.from_numpy(self.labels))
+    def apply(self, dataset: Dataset, *, num_classes: int | None = None,
+              transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PoisonedView | PoisonedDataset:
+        """The poisoned training set: ``dataset`` with the poisons overlaid (``dataset`` is untouched).
+
+        ``dataset`` is an :class:`ImageTensorDataset` (returns a :class:`PoisonedView`, images in memory)
+        or any map-style dataset yielding ``(image tensor, label, ...)``, e.g. a torchvision dataset with a
+        ``ToTensor`` transform or a ``TensorDataset`` (returns a :class:`PoisonedDataset`: poisoned indices
+        yield the poison image and label, the others the original item). Poison labels are checked
+        against ``num_classes``, else the classes the dataset declares. ``transform`` is applied to the
+        poison images of a general dataset (e.g. its ``Normalize``); an ImageTensorDataset applies its own.
+        """
+        self.validate()
+        map_dataset_length(dataset)
+        classes = num_classes if num_classes is not None else dataset_num_classes(dataset)
+        if classes is not None:
+            check_label_array(self.labels, "poison labels", num_classes=classes)
+        images, labels = torch.from_numpy(self.images), torch.from_numpy(self.labels)
+        if isinstance(dataset, ImageTensorDataset):
+            if transform is not None:
+                raise SanitizerError("an ImageTensorDataset applies its own transform to every image, poisons "
+                                     "included; set it with dataset.with_transform(...) instead of transform=")
+            return PoisonedView(dataset, torch.from_numpy(self.indices), images, labels)
+        return PoisonedDataset(dataset, torch.from_numpy(self.indices), images, labels, transform)
 
     def save(self, path: str | Path) -> None:
+        self.validate()
         arrays: dict[str, np.ndarray] = {
             "format_version": np.array(FORMAT_VERSION), "attack": np.array(self.attack),
             "indices": self.indices, "images": self.images, "labels": self.labels,
             "adversarial_class": np.array(self.adversarial_class), "source_class": np.array(self.source_class),
             "params": np.array(json.dumps(self.params, sort_keys=True, default=_json_default)),
         }
-        for name in ("target_images", "target_labels", "target_indices", "trigger"):
+        if self.num_classes is not None:
+            arrays["num_classes"] = np.array(self.num_classes)
+        for name in _OPTIONAL_ARRAYS:
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = np.asarray(value)
@@ -96,14 +156,26 @@ class PoisonSet:
 
     @classmethod
     def load(cls, path: str | Path) -> PoisonSet:
-        with np.load(path, allow_pickle=False) as f:
-            if int(f["format_version"]) != FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported PoisonSet format {int(f['format_version'])}")
-            optional = {name: f[name] for name in ("target_images", "target_labels", "target_indices", "trigger")
-                        if name in f.files}
+        """Read a saved PoisonSet (``allow_pickle=False``) and validate it; errors name the file."""
+        f = read_npz(path, "poisons (a saved PoisonSet)")
+        missing = [name for name in ("format_version", "attack", "indices", "images", "labels") if name not in f]
+        if missing:
+            raise SanitizerError(f"{path} is not a PoisonSet: it lacks {', '.join(missing)}")
+        try:
+            version = int(f["format_version"])
+            if version != FORMAT_VERSION:
+                raise SanitizerError(f"unsupported PoisonSet format {version} (this version reads {FORMAT_VERSION})")
+            optional = {name: f[name] for name in _OPTIONAL_ARRAYS if name in f}
             return cls(attack=str(f["attack"]), indices=f["indices"], images=f["images"], labels=f["labels"],
-                       adversarial_class=int(f["adversarial_class"]), source_class=int(f["source_class"]),
-                       params=json.loads(str(f["params"])), **optional)
+                       adversarial_class=int(f.get("adversarial_class", -1)),
+                       source_class=int(f.get("source_class", -1)),
+                       params=json.loads(str(f.get("params", "{}"))),
+                       num_classes=int(f["num_classes"]) if "num_classes" in f else None, **optional)
+        except (SanitizerError, TypeError, ValueError) as exc:  # json and int() errors are ValueErrors
+            raise SanitizerError(f"{path}: {exc}") from None
+
+
+_OPTIONAL_ARRAYS = ("target_images", "target_labels", "target_indices", "trigger")
 
 
 def _json_default(value):
@@ -207,3 +279,20 @@ def resolve_budget(budget: int | float, n_train: int) -> int:
     if budget < 1:
         raise ValueError(f"the poison budget must be at least 1 (a count) or a fraction in (0, 1), got {budget}")
     return int(budget)
+
+
+def default_budget(attack: str | type[Attack]) -> tuple[str, float] | None:
+    """An attack's default poison budget, read from its constructor's signature: ``("budget", value)``
+    (a count, or a fraction of the training set when below 1), ``("fraction", value)`` for attacks that
+    perturb a fraction of the training set instead, or None. Follows ``**kwargs`` to the parent class."""
+    cls = _ATTACKS[attack] if isinstance(attack, str) else attack
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        for name in ("budget", "fraction"):
+            if name in parameters and parameters[name].default is not inspect.Parameter.empty:
+                return name, parameters[name].default
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return None
+    return None

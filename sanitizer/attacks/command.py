@@ -7,6 +7,15 @@ Examples::
     sanitizer attack gradient_matching --data cifar10 --data-root ../shared/data/cifar10 \\
         --model resnet18 --surrogate-weights my_model.pt --target-index 7 --adversarial-class 3 \\
         --out poisons.npz --param steps=250 --param restarts=8
+    sanitizer attack label_flip --data my_images.npz --out poisons.npz --budget 0.05
+    sanitizer attack badnets --data photos/train --test-data photos/test --out poisons.npz
+
+``--data`` is ``digits``, ``cifar10`` or your own images: an ``.npz`` file (``images`` floats in [0, 1]
+``[N, C, H, W]`` or uint8 ``[N, H, W, C]``, ``labels``; optional ``test_images``/``test_labels``,
+``num_classes``) or an image folder (``root/<class>/<image>``, the torchvision ImageFolder layout).
+Without test images, ``--test-data`` (another .npz or folder) supplies the targets, else ``--holdout``
+of the images is held out (drawn from ``--split-seed``); poison indices always refer to the images
+of ``--data`` in their own order. Every input is checked before any crafting starts.
 
 Every attack is driven through the calling convention of :data:`sanitizer.attacks.base.CRAFT_ARGUMENTS`.
 Attacks that need a model get a surrogate: the ``--model`` architecture loaded from
@@ -21,25 +30,45 @@ import inspect
 import json
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from sanitizer.attacks.base import available_attacks, make_attack
-from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
+from sanitizer.attacks.base import available_attacks, default_budget, make_attack, resolve_budget
+from sanitizer.data import (
+    ImageTensorDataset,
+    holdout_split,
+    load_cifar10,
+    load_digits_split,
+    load_image_folder,
+    load_npz,
+    subset_by_class,
+)
+from sanitizer.errors import SanitizerError
 from sanitizer.models import make_model
 from sanitizer.progress import log
+
+DATA_NAMES = ("digits", "cifar10")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "attack", help="craft a bundled poisoning attack (or --list them)",
         description="Craft poisons with a bundled attack and save them as a PoisonSet (.npz).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Every attack")[0])
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Every attack")[0] + budget_epilog())
     p.add_argument("name", nargs="?", help="attack name (see --list)")
-    p.add_argument("--list", action="store_true", help="list the attacks and their threat models")
-    p.add_argument("--data", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--list", action="store_true", help="list the attacks, their threat models and default budgets")
+    p.add_argument("--data", default="digits", metavar="digits|cifar10|PATH",
+                   help="digits, cifar10, an .npz file or an image folder (default: digits; write ./digits for a "
+                   "folder of that name)")
     p.add_argument("--data-root", help="CIFAR-10 folder (the torchvision layout)")
+    p.add_argument("--test-data", metavar="PATH", help="with --data PATH: test images (an .npz or image folder) "
+                   "the targets are drawn from")
+    p.add_argument("--holdout", type=float, default=0.2, help="with --data PATH and no test images: the fraction "
+                   "held out as the test set (default 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the --holdout split")
     p.add_argument("--per-class", type=int, help="craft on a class-balanced subset with this many images per "
                    "class (indices in the output still refer to the full training set)")
     p.add_argument("--subset-seed", type=int, default=0)
@@ -50,7 +79,8 @@ def register(subparsers) -> None:
     p.add_argument("--surrogate-lr", type=float, default=0.1)
     p.add_argument("--surrogate-weights", help="state_dict of your own --model to craft against")
     p.add_argument("--eps", type=_eps, help="L∞ bound in [0, 1] pixel units, e.g. 16/255 or 0.0627")
-    p.add_argument("--budget", type=_budget, help="poison count (25) or fraction of the training set (0.01)")
+    p.add_argument("--budget", type=_budget, help="poison count (25) or fraction of the training set (0.01); "
+                   "the default differs per attack (listed below)")
     p.add_argument("--target-index", type=int, help="index of the target in the test set (default: drawn "
                    "from --seed)")
     p.add_argument("--adversarial-class", type=int)
@@ -94,27 +124,125 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
+# Training-set sizes of the bundled data sets, to show what a fractional default budget comes to
+# (CIFAR-10 has 50000 training images; a test checks the digits split against its loader).
+TRAIN_SIZES = {"digits": 1348, "cifar10": 50000}
+
+
+def describe_budget(name: str, short: bool = False) -> str:
+    """An attack's default budget in words, from its constructor (see :func:`default_budget`)."""
+    default = default_budget(name)
+    if default is None:
+        return "-" if short else "no budget parameter"
+    kind, value = default
+    if kind == "fraction":
+        return f"fraction={value:g}" if short else \
+            f"no --budget: perturbs fraction={value:g} of the training set (--param fraction=...)"
+    counts = {data: resolve_budget(value, n) for data, n in TRAIN_SIZES.items()}
+    fractional = isinstance(value, float) and value < 1
+    if short:
+        return f"{value:g}" + (f" ({counts['digits']} on digits)" if fractional else "")
+    if fractional:
+        examples = ", ".join(f"{count} on {data}" for data, count in counts.items())
+        return f"{value:g} = {value * 100:g}% of the training set ({examples})"
+    return f"{value:g} poison" + ("s" if value != 1 else "")
+
+
+def budget_epilog() -> str:
+    width = max(len(name) for name in available_attacks())
+    return "default budgets (--budget: a count, or a fraction of the training set below 1):\n" + "\n".join(
+        f"  {name.ljust(width)}  {describe_budget(name)}" for name in available_attacks()) + "\n"
+
+
 def list_attacks() -> str:
-    rows = [("NAME", "GOAL", "LABELS", "SETTING", "SUMMARY")]
+    rows = [("NAME", "GOAL", "LABELS", "SETTING", "BUDGET", "SUMMARY")]
     for name, tm in available_attacks().items():
-        rows.append((name, tm.goal, "clean" if tm.clean_label else "dirty", tm.setting, tm.summary))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows)
+        rows.append((name, tm.goal, "clean" if tm.clean_label else "dirty", tm.setting,
+                     describe_budget(name, short=True), tm.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows)
 
 
-def load_data(args) -> tuple[ImageTensorDataset, ImageTensorDataset, np.ndarray | None]:
-    """(train set, test set, indices of the subset in the full training set or None)."""
+def check_arguments(args) -> None:
+    """Refuse bad paths and options before any data is read or anything is crafted."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a folder; give a file name such as {out / 'poisons.npz'}")
+    if not out.absolute().parent.is_dir():
+        raise SystemExit(f"--out {out}: the folder {out.absolute().parent} does not exist; create it first")
+    for option, value in (("--data", None if args.data in DATA_NAMES else args.data),
+                          ("--test-data", args.test_data), ("--surrogate-weights", args.surrogate_weights)):
+        if value is not None and not Path(value).exists():
+            hint = f" (or one of {', '.join(DATA_NAMES)})" if option == "--data" else ""
+            raise SystemExit(f"{option} {value}: no such file or folder{hint}")
+    if args.data not in DATA_NAMES and Path(args.data).is_file() and Path(args.data).suffix.lower() != ".npz":
+        raise SystemExit(f"--data {args.data}: a file must be an .npz of images and labels (or give an image folder)")
+    if args.test_data is not None and args.data in DATA_NAMES:
+        raise SystemExit(f"--test-data goes with --data PATH; --data {args.data} has its own test set")
+    if not 0 < args.holdout < 1:
+        raise SystemExit(f"--holdout must lie in (0, 1), got {args.holdout}")
+
+
+def load_path(path: str, classes: list[str] | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset | None,
+                                                                      list[str] | None]:
+    """(train, test or None, class names or None) from an .npz file or an image folder."""
+    if Path(path).is_dir():
+        train, names = load_image_folder(path, classes)
+        return train, None, names
+    train, test = load_npz(path)
+    return train, test, None
+
+
+def load_data(args) -> tuple[ImageTensorDataset, ImageTensorDataset, np.ndarray | None, dict]:
+    """(train set, test set, index of each crafting example in --data or None, what to record in params)."""
+    index_map, record = None, {}
     if args.data == "digits":
         train, test = load_digits_split()
-    else:
+    elif args.data == "cifar10":
         if not args.data_root:
             raise SystemExit("--data cifar10 needs --data-root (the folder holding cifar-10-batches-py)")
         train, test = load_cifar10(args.data_root, train=True), load_cifar10(args.data_root, train=False)
-    if args.per_class is None:
-        return train, test, None
-    subset = subset_by_class(train, args.per_class, seed=args.subset_seed)
-    idx = torch.from_numpy(subset)
-    return ImageTensorDataset(train.images[idx], train.labels[idx], None, train.num_classes), test, subset
+    else:
+        train, test, names = load_path(args.data)
+        if names is not None:
+            record["class_names"] = names
+        if args.test_data is not None:
+            if test is not None:
+                raise SystemExit(f"{args.data} holds test_images already; drop --test-data or those arrays")
+            test, _, _ = load_path(args.test_data, names)
+            if test.images.shape[1:] != train.images.shape[1:]:
+                raise SystemExit(f"--test-data images are {tuple(test.images.shape[1:])}, --data images "
+                                 f"{tuple(train.images.shape[1:])}; they need one shape")
+            if test.num_classes > train.num_classes:
+                raise SystemExit(f"--test-data has labels up to {test.num_classes - 1} but --data only "
+                                 f"{train.num_classes} classes")
+            test = ImageTensorDataset(test.images, test.labels, None, train.num_classes)
+        elif test is None:
+            index_map, test_idx = holdout_split(len(train), args.holdout, args.split_seed)
+            test = _take(train, test_idx)
+            train = _take(train, index_map)
+            record.update(holdout=args.holdout, split_seed=args.split_seed)
+    if train.num_classes < 2:
+        raise SystemExit(f"--data {args.data} has a single class; poisoning needs at least two")
+    if args.per_class is not None:
+        subset = subset_by_class(train, args.per_class, seed=args.subset_seed)
+        train = _take(train, subset)
+        index_map = subset if index_map is None else index_map[subset]
+    return train, test, index_map, record
+
+
+def _take(dataset: ImageTensorDataset, indices: np.ndarray) -> ImageTensorDataset:
+    idx = torch.from_numpy(indices)
+    return ImageTensorDataset(dataset.images[idx], dataset.labels[idx], None, dataset.num_classes)
+
+
+def check_targets(args, train: ImageTensorDataset, test: ImageTensorDataset) -> None:
+    """Class and target options in range for the loaded data (before a surrogate is trained)."""
+    for option, value in (("--adversarial-class", args.adversarial_class), ("--source-class", args.source_class)):
+        if value is not None and not 0 <= value < train.num_classes:
+            raise SystemExit(f"{option} {value} is not a class of the data (classes 0..{train.num_classes - 1})")
+    if args.target_index is not None and not 0 <= args.target_index < len(test):
+        raise SystemExit(f"--target-index {args.target_index} is outside the {len(test)} test images")
 
 
 def build_surrogate(args, train: ImageTensorDataset, device: torch.device):
@@ -154,6 +282,7 @@ def run(args) -> int:
         raise SystemExit("name an attack (sanitizer attack --list shows them)")
     if not args.out:
         raise SystemExit("--out PATH is required (where to write the poisons, e.g. poisons.npz)")
+    check_arguments(args)
     params = parse_params(args.param)
     if args.eps is not None:
         params["eps"] = args.eps
@@ -165,21 +294,30 @@ def run(args) -> int:
         raise SystemExit(f"attack {args.name!r} does not take these parameters ({exc}); "
                          f"see help(sanitizer.attacks.make_attack({args.name!r}))") from exc
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train, test, subset = load_data(args)
+    try:
+        train, test, index_map, record = load_data(args)
+        check_targets(args, train, test)
+    except (SanitizerError, ValueError, OSError) as exc:  # bad data: one line, before any crafting
+        raise SystemExit(str(exc)) from None
     surrogate = build_surrogate(args, train, device) if getattr(attack, "needs_surrogate", True) else None
     t0 = time.perf_counter()
     poisons = craft_with_convention(attack, train, surrogate=surrogate, test_set=test,
                                     target_index=args.target_index, adversarial_class=args.adversarial_class,
                                     source_class=args.source_class, seed=args.seed)
     seconds = time.perf_counter() - t0
-    poisons.params.update({"data": args.data, "craft_seconds_cli": seconds,
+    poisons.params.update({"data": args.data, "craft_seconds_cli": seconds, **record,
                            "surrogate": args.surrogate_weights or f"{args.model} trained {args.surrogate_epochs} ep"})
-    if subset is not None:
-        poisons.indices = subset[poisons.indices]
+    if args.test_data is not None:
+        poisons.params["test_data"] = args.test_data
+    if index_map is not None:
+        poisons.indices = index_map[poisons.indices]
+    if args.per_class is not None:
         poisons.params.update({"per_class": args.per_class, "subset_seed": args.subset_seed})
+    poisons.num_classes = train.num_classes
     poisons.save(args.out)
+    saved = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # numpy adds the suffix
     what = f"{len(poisons)} poisons"
     if poisons.target_indices is not None:
         what += f" against test image {poisons.target_indices.tolist()} → class {poisons.adversarial_class}"
-    log(f"{args.name}: {what} in {seconds:.1f}s, saved to {args.out}")
+    log(f"{args.name}: {what} in {seconds:.1f}s, saved to {saved}")
     return 0
