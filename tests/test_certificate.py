@@ -27,7 +27,7 @@ from sanitizer.certificate import (
 from sanitizer.certificate import command as cert_command
 from sanitizer.certificate.audit import chain_rounds, header_of, seal_of, sha256_of
 from sanitizer.certificate.bound import slack_terms
-from sanitizer.certificate.partition import certified_accuracy
+from sanitizer.certificate.partition import certified_accuracy, dataset_part_sizes
 from sanitizer.certificate.report import browser_check, find_browser, write_report
 from sanitizer.core import Sanitizer
 from sanitizer.data import ImageTensorDataset, load_digits_split, subset_by_class
@@ -287,6 +287,13 @@ def test_partition_certificate_end_to_end(run):
     assert radii.max() <= 1  # 3 parts: a radius of 2 would need a gap of 4 votes
     assert acc[0] == pytest.approx(section["clean_accuracy"])
     assert all(a >= b for a, b in zip(acc, acc[1:]))
+    # The evidence behind the radii travels with them, so verify can recompute them.
+    votes = np.array(section["votes"])
+    assert votes.shape == (len(run["test"]), 10) and (votes.sum(1) <= 3).all()
+    pred, radius = certify_votes(votes)
+    assert pred.tolist() == section["predictions"] and radius.tolist() == section["radii"]
+    assert len(section["part_accuracies"]) == 3 and all(0 <= a <= 1 for a in section["part_accuracies"])
+    assert dataset_part_sizes(run["train"], 3) == section["part_sizes"]
     run["partition"] = section
 
 

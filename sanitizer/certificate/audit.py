@@ -4,8 +4,9 @@ Hashes are SHA-256 over canonical JSON (sorted keys, no spaces, no NaN). Each ro
 ``prev_hash`` (the previous round's ``hash``, or the hash of the certificate's header for the first
 round) and its own ``hash`` over everything else in the record, so editing, removing, inserting or
 reordering a round breaks the chain. A final ``seal`` hashes the whole certificate. The chain proves
-integrity only relative to a seal published elsewhere (a log, a ticket): without a signature anyone
-can rebuild a consistent chain from scratch.
+integrity only relative to a seal published elsewhere (a log, a ticket): without a signature
+(:mod:`sanitizer.certificate.signing`) anyone can rebuild a consistent chain and seal from scratch.
+Verification lives in :mod:`sanitizer.certificate.verify`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,121 +114,19 @@ def header_of(cert: dict[str, Any]) -> dict[str, Any]:
 
 
 def seal_of(cert: dict[str, Any]) -> str:
-    """Hash of the whole certificate except the seal itself."""
-    return sha256_of({k: v for k, v in cert.items() if k != "seal"})
+    """Hash of the whole certificate except the seal itself and the signature (which covers the seal)."""
+    return sha256_of({k: v for k, v in cert.items() if k not in ("seal", "signature")})
 
 
-# -- verification ----------------------------------------------------------------------------------
-@dataclass
-class Verification:
-    """Outcome of :func:`verify_certificate`: ``ok`` and a list of ``problems`` (empty when ok)."""
+def seal_certificate(cert: dict[str, Any]) -> dict[str, Any]:
+    """(Re)compute ``cert``'s genesis hash, round chain and seal in place; return ``cert``.
 
-    problems: list[str] = field(default_factory=list)
-    checked: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_certificate(cert: dict[str, Any], dataset: Dataset | None = None) -> Verification:
-    """Check a certificate's schema, hash chain, seal and internal consistency, and, when ``dataset``
-    is given, that it is the dataset the certificate was made on.
-
-    Example:
-        >>> result = verify_certificate(json.load(open("cert.json")), dataset=train_set)  # doctest: +SKIP
-        >>> result.ok, result.problems  # doctest: +SKIP
+    Anyone can do this after editing a certificate, which is why an unsigned seal proves only that a
+    file is self-consistent; a signature made before the edit no longer matches.
     """
-    from sanitizer.certificate.schema import validate
-
-    result = Verification()
-    schema_errors = validate(cert)
-    if schema_errors:
-        result.problems += [f"schema: {e}" for e in schema_errors[:10]]
-        return result
-    result.checked.append("schema")
     audit = cert["audit"]
-    genesis = sha256_of(header_of(cert))
-    if audit["genesis_hash"] != genesis:
-        result.problems.append("the header (dataset, configuration, versions, seeds) was edited: its hash is "
-                               f"{genesis[:16]}…, the chain starts from {audit['genesis_hash'][:16]}…")
-    prev = audit["genesis_hash"]
-    for i, record in enumerate(audit["rounds"]):
-        if record["prev_hash"] != prev:
-            result.problems.append(f"round {i}: prev_hash does not match the previous link (a round was "
-                                   "removed, inserted or reordered)")
-        body = {k: v for k, v in record.items() if k != "hash"}
-        if sha256_of(body) != record["hash"]:
-            result.problems.append(f"round {i} (epoch {record.get('epoch')}): its content was edited "
-                                   "(hash mismatch)")
-        prev = record["hash"]
-    result.checked.append(f"hash chain ({len(audit['rounds'])} rounds)")
-    if cert["seal"]["head"] != prev:
-        result.problems.append("the seal's head is not the last round's hash (rounds were added or removed)")
-    if cert["seal"]["hash"] != seal_of(cert):
-        result.problems.append("the seal does not match the certificate (a section outside the rounds "
-                               "was edited)")
-    result.checked.append("seal")
-    result.problems += _consistency(audit) + _section_consistency(cert)
-    result.checked.append("consistency of rounds, totals and summaries")
-    if dataset is not None:
-        recorded, actual = audit["dataset"], dataset_fingerprint(dataset)
-        if actual["fingerprint"] != recorded["fingerprint"]:
-            what = [name for key, name in (("images_sha256", "images"), ("labels_sha256", "labels"))
-                    if actual[key] != recorded.get(key)]
-            if actual["size"] != recorded.get("size"):
-                what.insert(0, f"size ({actual['size']} vs {recorded.get('size')})")
-            hint = (" (the certificate records known poisons: it was made on a poisoned training set, so "
-                    "verify against the same poisoned view, e.g. with --poisons)") if recorded.get("poison_indices") \
-                else ""
-            result.problems.append("the dataset does not match the certificate's fingerprint"
-                                   + (f": {', '.join(what)} differ" if what else "") + hint)
-        result.checked.append("dataset fingerprint")
-    return result
-
-
-def _consistency(audit: dict[str, Any]) -> list[str]:
-    """The totals must follow from the rounds (catches a chain rebuilt around a forged summary)."""
-    problems = []
-    dropped: set[int] = set()
-    cumulative = audit["configuration"].get("cumulative", True)
-    for i, record in enumerate(audit["rounds"]):
-        now = record["dropped_now"]
-        dropped = (dropped | set(now)) if cumulative else set(now)
-        if record["dropped_total"] != len(dropped):
-            problems.append(f"round {i}: dropped_total {record['dropped_total']} but the rounds drop {len(dropped)}")
-        per_class_now = sum(c["dropped_now"] for c in record["per_class"].values())
-        if per_class_now != len(now):
-            problems.append(f"round {i}: per-class drops sum to {per_class_now}, dropped_now lists {len(now)}")
-    if sorted(dropped) != audit["dropped"]:
-        problems.append("the list of dropped examples does not follow from the rounds")
-    return problems
-
-
-def _section_consistency(cert: dict[str, Any]) -> list[str]:
-    """Summaries that must follow from the recorded numbers: the bound's maxima and every rate."""
-    from sanitizer.certificate.robustness import wilson_interval
-
-    problems = []
-    bound = cert.get("bound")
-    if bound is not None:
-        rhos = [r.get("extras", {}).get("bound", {}).get("rho") for r in cert["audit"]["rounds"]]
-        if None in rhos or not rhos or not math.isclose(max(rhos), bound["max_rho"], rel_tol=1e-12):
-            problems.append("bound.max_rho does not follow from the rounds")
-    for attack in (cert.get("robustness") or {}).get("attacks", []):
-        rates = [attack[arm][k] for arm in ("undefended", "sanitized") for k in ("attack_success", "clean_accuracy")]
-        for r in rates + [attack.get("poisons_dropped")]:
-            if r is None:
-                continue
-            expected = wilson_interval(r["successes"], r["trials"])
-            if r["successes"] > r["trials"] or (r["trials"] and not math.isclose(
-                    r["rate"], r["successes"] / r["trials"])) or (expected is None) != (r["wilson95"] is None) \
-                    or (expected and not all(math.isclose(a, b, abs_tol=1e-12)
-                                             for a, b in zip(expected, r["wilson95"]))):
-                problems.append(f"robustness of {attack['attack']}: a rate or interval does not follow from its "
-                                "successes and trials")
-                break
-    part = cert.get("partition")
-    if part is not None and len(part["radii"]) != part["test_size"]:
-        problems.append("partition: the number of radii is not the test size")
-    return problems
+    audit["genesis_hash"], audit["rounds"] = chain_rounds(header_of(cert), audit["rounds"])
+    cert["seal"] = {"algorithm": "sha256", "head": audit["rounds"][-1]["hash"] if audit["rounds"]
+                    else audit["genesis_hash"], "hash": ""}
+    cert["seal"]["hash"] = seal_of(cert)
+    return cert

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sanitizer.certificate.audit import chain_rounds, dataset_fingerprint, header_of, json_safe, seal_of
+from sanitizer.certificate.audit import dataset_fingerprint, json_safe, seal_certificate
 from sanitizer.certificate.bound import BoundRecorder, bound_section
 from sanitizer.certificate.schema import SCHEMA_VERSION, validate
+from sanitizer.certificate.signing import load_private_key, sign_certificate
+from sanitizer.certificate.strict import read_certificate
 from sanitizer.errors import SanitizerError
 
 
@@ -53,6 +55,7 @@ def build_certificate(
     robustness: dict[str, Any] | None = None,
     partition: dict[str, Any] | None = None,
     report_dir: str | Path | None = None,
+    signing_key=None,
 ) -> dict[str, Any]:
     """The certificate of ``sanitizer``'s run as a dict (written to ``path`` when given).
 
@@ -60,12 +63,15 @@ def build_certificate(
     :func:`partition_certificate`; ``dataset_source`` says how to reload the data for
     ``sanitizer verify`` (e.g. ``{"name": "digits"}``); ``poison_indices`` marks known poisons
     in the report. The bound section needs a :class:`BoundRecorder` attached before training.
+    ``signing_key`` (an ed25519 private key: a PEM path, PEM bytes or a key object) signs every
+    section (see :mod:`sanitizer.certificate.signing`); it is loaded before anything is computed.
 
     Example:
         >>> BoundRecorder.attach(sanitizer)  # doctest: +SKIP
         >>> train_classifier(model, train_set, config, sanitizer=sanitizer)  # doctest: +SKIP
         >>> cert = sanitizer.certificate("cert.json", train_config=config, report_dir="report")  # doctest: +SKIP
     """
+    key = load_private_key(signing_key) if signing_key is not None else None
     if not sanitizer.history:
         raise SanitizerError("the sanitizer has run no rounds yet; certify after training (rounds start at "
                              f"epoch warmup={sanitizer.warmup})")
@@ -83,14 +89,14 @@ def build_certificate(
                       "train": getattr(train_config, "seed", None), **(seeds or {})},
         }),
     }
-    genesis, rounds = chain_rounds(header_of(cert), sanitizer.history)
-    cert["audit"].update({"genesis_hash": genesis, "rounds": rounds,
+    cert["audit"].update({"genesis_hash": "", "rounds": json_safe(sanitizer.history),
                           "dropped": [int(i) for i in sanitizer.dropped]})
     cert["bound"] = json_safe(bound_section(sanitizer.history))
     cert["robustness"] = json_safe(robustness)
     cert["partition"] = json_safe(partition)
-    cert["seal"] = {"algorithm": "sha256", "head": rounds[-1]["hash"], "hash": ""}
-    cert["seal"]["hash"] = seal_of(cert)
+    seal_certificate(cert)
+    if key is not None:
+        sign_certificate(cert, key)
     errors = validate(cert)
     if errors:  # a bug on our side, not the user's
         raise RuntimeError("the certificate does not match its schema: " + "; ".join(errors[:5]))
@@ -108,10 +114,8 @@ def build_certificate(
 
 
 def load_certificate(path: str | Path) -> dict[str, Any]:
-    """Read a certificate JSON file (plain JSON; nothing is executed)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SanitizerError(f"{path} is not valid JSON ({exc}); is it a certificate?") from exc
+    """Read a certificate JSON file strictly (plain JSON; nothing is executed; duplicate keys, NaN and
+    deep nesting are refused with a :class:`~sanitizer.certificate.strict.CertificateFormatError`)."""
+    return read_certificate(path)
 
 

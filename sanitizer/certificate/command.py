@@ -1,11 +1,14 @@
-"""``sanitizer certify`` (train under the sanitizer and write a certificate and report) and
-``sanitizer verify`` (check a certificate's chain and, given the data, its fingerprint)."""
+"""``sanitizer certify`` (train under the sanitizer and write a certificate and report),
+``sanitizer verify`` (check a certificate's chain, seal, signature and, given the data, its
+fingerprint) and ``sanitizer keygen`` (an ed25519 key pair to sign certificates with)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,28 @@ def register(subparsers) -> None:
                         "need more epochs to train")
     p.add_argument("--out", default="certificate/cert.json", help="certificate JSON path")
     p.add_argument("--report-dir", default=None, help="report folder (default: beside the certificate)")
+    p.add_argument("--signing-key", default=None, metavar="KEY.pem",
+                   help="sign the certificate with this ed25519 private key (make one with `sanitizer keygen`)")
     p.set_defaults(handler=run_certify)
 
-    v = subparsers.add_parser("verify", help="check a certificate's hash chain and, given the data, its fingerprint")
+    v = subparsers.add_parser("verify", help="check a certificate's hash chain, seal, signature and, given the "
+                                             "data, its fingerprint")
     v.add_argument("certificate", help="certificate JSON file")
     _data_args(v, default=None)
+    v.add_argument("--public-key", default=None, metavar="KEY.pub.pem",
+                   help="the issuer's ed25519 public key: the certificate must carry a valid signature by it")
+    v.add_argument("--seal", default=None, metavar="HASH",
+                   help="a seal published elsewhere (64 hex characters): the certificate's seal must equal it")
     v.set_defaults(handler=run_verify)
+
+    k = subparsers.add_parser("keygen", help="write an ed25519 key pair for signing certificates",
+                              description="Write an ed25519 private key (PEM, readable by you only) and its public "
+                                          "key beside it (key.pem -> key.pub.pem). Sign with `sanitizer certify "
+                                          "--signing-key key.pem`; publish key.pub.pem for `sanitizer verify "
+                                          "--public-key`.")
+    k.add_argument("--out", default="key.pem", help="private key path (default key.pem)")
+    k.add_argument("--force", action="store_true", help="replace existing key files")
+    k.set_defaults(handler=run_keygen)
 
 
 def _data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -116,16 +135,70 @@ def _policy_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _error(command: str, exc: Exception) -> int:
+    print(f"sanitizer {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def check_certify_args(args: argparse.Namespace):
+    """Refuse bad ``certify`` arguments before any work starts (one clear message); return the signing key."""
+    from sanitizer.attacks import available_attacks
+    from sanitizer.certificate.signing import load_private_key
+    from sanitizer.policies import make_policy
+
+    def at_least(name: str, minimum: int, optional: bool = False) -> None:
+        value = getattr(args, name.lstrip("-").replace("-", "_"))
+        if value is None and optional:
+            return
+        if value < minimum:
+            raise SanitizerError(f"{name} must be >= {minimum}, got {value}")
+
+    for name in ("--epochs", "--batch-size", "--every", "--runs"):
+        at_least(name, 1)
+    for name in ("--warmup", "--seed", "--partitions"):
+        at_least(name, 0)
+    for name in ("--subset-per-class", "--width", "--proxy-per-class", "--proxy-epochs", "--partition-epochs"):
+        at_least(name, 1, optional=True)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise SanitizerError(f"--lr must be a positive number, got {args.lr}")
+    first = f"the sanitizer's first round is at epoch --warmup {args.warmup}"
+    if args.epochs <= args.warmup:
+        raise SanitizerError(f"--epochs {args.epochs} ends before {first}: nothing would be sanitized or "
+                             "certified; train longer or lower --warmup")
+    attacks = [a for a in args.attacks.split(",") if a]
+    unknown = sorted(set(attacks) - set(available_attacks()))
+    if unknown:
+        raise SanitizerError(f"unknown attacks {', '.join(unknown)} in --attacks; available: "
+                             f"{', '.join(available_attacks())}")
+    if attacks and (args.proxy_epochs or args.epochs) <= args.warmup:
+        raise SanitizerError(f"--proxy-epochs {args.proxy_epochs} ends before {first}: the sanitized proxy arm "
+                             "would never sanitize")
+    if args.partitions and (args.partition_epochs or args.epochs) <= args.warmup:
+        raise SanitizerError(f"--partition-epochs {args.partition_epochs} ends before {first}: the part models "
+                             "would never be sanitized")
+    make_policy(args.policy, **_policy_options(args.policy_option))
+    if args.poisons is not None and not Path(args.poisons).is_file():
+        raise SanitizerError(f"--poisons {args.poisons}: no such file")
+    if Path(args.out).is_dir():
+        raise SanitizerError(f"--out {args.out} is a folder; give the certificate's file path")
+    return load_private_key(args.signing_key) if args.signing_key else None
+
+
 def run_certify(args: argparse.Namespace) -> int:
     from sanitizer.certificate import BoundRecorder, measure_robustness, partition_certificate, sanitizer_options
+    from sanitizer.certificate.report import text_summary
     from sanitizer.core import Sanitizer
     from sanitizer.models import make_model
     from sanitizer.progress import log
     from sanitizer.train import TrainConfig, accuracy, train_classifier
 
-    source = {"name": args.data, "subset_per_class": args.subset_per_class, "subset_seed": args.seed,
-              "poisons_sha256": file_sha256(args.poisons) if args.poisons else None}
-    train, test, poison_positions = load_source(source, args.data_root, args.poisons)
+    try:
+        signing_key = check_certify_args(args)
+        source = {"name": args.data, "subset_per_class": args.subset_per_class, "subset_seed": args.seed,
+                  "poisons_sha256": file_sha256(args.poisons) if args.poisons else None}
+        train, test, poison_positions = load_source(source, args.data_root, args.poisons)
+    except (SanitizerError, OSError, ValueError) as exc:
+        return _error("certify", exc)
     in_ch, classes = train.images.shape[1], train.num_classes
 
     def factory() -> torch.nn.Module:
@@ -157,35 +230,63 @@ def run_certify(args: argparse.Namespace) -> int:
     cert = sanitizer.certificate(out, train_config=config, dataset_source=source,
                                  poison_indices=poison_positions,
                                  robustness=robustness, partition=partition, report_dir=report_dir,
-                                 seeds={"run": args.seed})
+                                 seeds={"run": args.seed}, signing_key=signing_key)
     print(f"certificate: {out}\nreport:      {report_dir / 'report.html'}\nseal:        {cert['seal']['hash']}")
+    if cert.get("signature"):
+        print(f"signed:      ed25519 key {cert['signature']['key_id']}")
+    print("\n" + text_summary(cert))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from sanitizer.certificate import load_certificate, verify_certificate
+    from sanitizer.certificate import validate, verify_certificate
+    from sanitizer.certificate.signing import load_public_key
+    from sanitizer.certificate.strict import CertificateFormatError, read_certificate
 
-    cert = load_certificate(args.certificate)
-    dataset = None
-    if args.data is not None:
-        source = dict((cert.get("audit", {}).get("dataset", {}) or {}).get("source") or {})
+    try:
+        key = load_public_key(args.public_key) if args.public_key else None
+    except SanitizerError as exc:
+        return _error("verify", exc)
+    try:
+        cert = read_certificate(args.certificate)
+    except CertificateFormatError as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    dataset = test = None
+    if args.data is not None and not validate(cert):
+        source = dict(cert["audit"]["dataset"].get("source") or {})
         if source.get("name") not in (None, args.data):
-            print(f"FAILED: the certificate was made on {source['name']!r}, not {args.data!r}")
+            print(f"FAILED: the certificate was made on {str(source['name'])[:40]!r}, not {args.data!r}")
             return 1
         source["name"] = args.data
         try:
-            dataset = load_source(source, args.data_root, args.poisons)[0]
-        except (SanitizerError, OSError, ValueError) as exc:
+            dataset, test, _ = load_source(source, args.data_root, args.poisons)
+        except (SanitizerError, OSError, ValueError, TypeError) as exc:
             print(f"cannot rebuild the dataset: {exc}")
             return 2
-    result = verify_certificate(cert, dataset)
+    result = verify_certificate(cert, dataset, public_key=key, seal=args.seal, test_dataset=test)
     for item in result.checked:
         print(f"checked: {item}")
-    if result.ok:
-        print(f"OK: the certificate is intact (seal {cert['seal']['hash']})")
-        if dataset is None:
-            print("note: no dataset given, so its fingerprint was not checked (pass --data ...)")
-        return 0
     for problem in result.problems:
         print(f"FAILED: {problem}")
-    return 1
+    if result.ok:
+        print(f"OK: the certificate is intact (seal {cert['seal']['hash']})"
+              + (", signed by the given public key" if key is not None else ""))
+    for note in result.notes:
+        print(("warning: " if "UNSIGNED" in note else "note: ") + note)
+    if result.ok and dataset is None:
+        print("note: no dataset given, so its fingerprint was not checked (pass --data ...)")
+    return 0 if result.ok else 1
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from sanitizer.certificate.signing import generate_key_pair, key_id, load_public_key
+
+    try:
+        private, public = generate_key_pair(args.out, overwrite=args.force)
+    except (SanitizerError, OSError) as exc:
+        return _error("keygen", exc)
+    print(f"private key: {private}  (keep it secret; sign with `sanitizer certify --signing-key {private}`)\n"
+          f"public key:  {public}  (publish it; check with `sanitizer verify CERT --public-key {public}`)\n"
+          f"key id:      {key_id(load_public_key(public))}")
+    return 0

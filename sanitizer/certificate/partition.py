@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sanitizer.certificate.audit import dataset_fingerprint
 from sanitizer.data.tensors import ImageTensorDataset
+from sanitizer.embeddings import iterate_batches
 from sanitizer.progress import progress
 from sanitizer.train import TrainConfig, predict_proba, train_classifier
 
@@ -34,6 +36,11 @@ def example_digests(images: torch.Tensor) -> list[bytes]:
     """SHA-256 digest of each example's float32 bytes."""
     arr = images.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
     return [hashlib.sha256(row.tobytes()).digest() for row in arr.reshape(len(arr), -1)]
+
+
+def part_of(digest: bytes, k: int) -> int:
+    """The part (of ``k``) of an example with SHA-256 ``digest`` (see :data:`HASH_RULE`)."""
+    return int.from_bytes(digest[:8], "big") % k
 
 
 def hash_partition(images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +54,18 @@ def hash_partition(images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray
     if k < 1:
         raise ValueError(f"the number of partitions must be >= 1, got {k}")
     digests = example_digests(images)
-    part = np.array([int.from_bytes(d[:8], "big") % k for d in digests], dtype=np.int64)
+    part = np.array([part_of(d, k) for d in digests], dtype=np.int64)
     order = np.array(sorted(range(len(digests)), key=lambda i: digests[i]), dtype=np.int64)
     return part, order
+
+
+def dataset_part_sizes(dataset, k: int, batch_size: int = 1024) -> list[int]:
+    """How many examples of ``dataset`` fall in each of the ``k`` hash parts (batch by batch, for verify)."""
+    sizes = [0] * k
+    for x, _y in iterate_batches(dataset, batch_size):
+        for d in example_digests(torch.as_tensor(x)):
+            sizes[part_of(d, k)] += 1
+    return sizes
 
 
 def certify_votes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,14 +128,18 @@ def train_partitions(
     return models, {"part_sizes": sizes, "dropped_per_part": dropped}
 
 
-def vote_counts(models: list[nn.Module | None], images: torch.Tensor, num_classes: int) -> np.ndarray:
+def part_predictions(models: list[nn.Module | None], images: torch.Tensor) -> list[np.ndarray | None]:
+    """Each part model's predicted classes on ``images`` (None for a part without examples)."""
+    return [None if model is None else predict_proba(model, images).argmax(1).numpy() for model in models]
+
+
+def vote_counts(models: list[nn.Module | None], images: torch.Tensor, num_classes: int,
+                predictions: list[np.ndarray | None] | None = None) -> np.ndarray:
     """Votes ``[N, C]`` of the part models on ``images`` (a part without examples abstains)."""
     counts = np.zeros((len(images), num_classes), dtype=np.int64)
-    for model in models:
-        if model is None:
-            continue
-        votes = predict_proba(model, images).argmax(1).numpy()
-        counts[np.arange(len(images)), votes] += 1
+    for votes in predictions if predictions is not None else part_predictions(models, images):
+        if votes is not None:
+            counts[np.arange(len(images)), votes] += 1
     return counts
 
 
@@ -141,7 +161,8 @@ def partition_certificate(
         >>> section["certified_accuracy"][:2]  # doctest: +SKIP
     """
     models, info = train_partitions(model_factory, train_set, k, config, sanitizer_options, sanitize)
-    counts = vote_counts(models, test_set.images, train_set.num_classes)
+    predictions = part_predictions(models, test_set.images)
+    counts = vote_counts(models, test_set.images, train_set.num_classes, predictions)
     pred, radius = certify_votes(counts)
     labels = test_set.labels.numpy()
     return {
@@ -149,10 +170,15 @@ def partition_certificate(
         "hash": HASH_RULE,
         "sanitized_within_parts": bool(sanitize),
         **info,
+        "part_accuracies": [None if p is None or not len(labels) else float((p == labels).mean())
+                            for p in predictions],
         "train_config": config.to_dict(),
+        "train_fingerprint": dataset_fingerprint(train_set)["fingerprint"],
+        "test_fingerprint": dataset_fingerprint(test_set)["fingerprint"],
         "test_size": int(len(labels)),
         "clean_accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
         "certified_accuracy": certified_accuracy(pred, radius, labels),
+        "votes": counts.tolist(),
         "radii": [int(r) for r in radius],
         "predictions": [int(p) for p in pred],
         "guarantee": "For each test example, inserting or removing at most its radius r of training examples "

@@ -294,7 +294,16 @@ def round_view(recorder, labels: np.ndarray, fallback_scores: np.ndarray | None,
 
 
 # -- HTML ------------------------------------------------------------------------------------------
+# Everything a certificate holds is untrusted text: every value is escaped on its way into the page,
+# and only markup this module writes itself (an ``Html`` string) goes in as it is.
+class Html(str):
+    """Markup written by this module (never text from a certificate): inserted without escaping."""
+
+
 def _fmt(v, digits: int = 4) -> str:
+    """A value from a certificate as escaped HTML text."""
+    if isinstance(v, Html):
+        return v
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -302,17 +311,21 @@ def _fmt(v, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
+def _code(v) -> Html:
+    return Html(f"<code>{_fmt(v)}</code>")
+
+
 def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(
         f"<td class='num'>{_fmt(c)}</td>" if isinstance(c, (int, float)) and not isinstance(c, bool)
-        else f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>" for c in row) + "</tr>"
-        for row in rows)
+        else f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table>{head}{body}</table>"
 
 
-def _rate(r: dict) -> str:
-    if r["rate"] is None:
+def _rate(r: dict | None) -> str:
+    """``rate (successes/trials; lo–hi)`` as plain text (escaped by :func:`_table`)."""
+    if r is None or r["rate"] is None:
         return "–"
     lo, hi = r["wilson95"]
     return f"{r['rate']:.1%} ({r['successes']}/{r['trials']}; {lo:.1%}–{hi:.1%})"
@@ -349,7 +362,7 @@ def audit_table(cert: dict, poison_set: set[int]) -> str:
         for policy, info in (r.get("audit") or {}).get("policies", {}).items():
             would = info["would_drop"]
             caught = len(poison_set & set(would)) if poison_set else None
-            rows.append([r["round"], r["epoch"], html.escape(policy), html.escape(info["embedding"]), len(would),
+            rows.append([r["round"], r["epoch"], policy, info["embedding"], len(would),
                          "–" if caught is None else f"{caught} of {len(poison_set)}"])
     return _table(["round", "epoch", "policy", "embedding", "would drop", "known poisons among them"], rows)
 
@@ -399,11 +412,13 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
 
     ds, cfg = audit["dataset"], audit["configuration"]
     dropped = audit["dropped"]
+    e = _fmt
     parts = [f"<h1>Certificate of a sanitized training run</h1>"
-             f"<p class='muted'>Schema {cert['schema']} v{cert['schema_version']} · created {cert['created']}</p>"]
+             f"<p class='muted'>Schema {e(cert['schema'])} v{e(cert['schema_version'])} · created "
+             f"{e(cert['created'])}</p>"]
     summary = [
         ["Dataset", f"{ds['size']} examples of shape {tuple(ds['example_shape'])}, {len(ds['class_counts'])} classes"],
-        ["Fingerprint", f"<code>{ds['fingerprint']}</code>"],
+        ["Fingerprint", _code(ds["fingerprint"])],
         ["Policy", f"{cfg['policy']} ({', '.join(f'{k}={v}' for k, v in cfg['policy_options'].items())}), "
                    f"embedding {cfg['embedding']}"],
         ["Schedule", f"rounds from epoch {cfg['warmup']}, every {cfg['every']} epochs"
@@ -416,11 +431,14 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         caught = len(poison_set & set(dropped))
         summary.append(["Known poisons", f"{caught} of {len(poison_set)} dropped; "
                                          f"{len(dropped) - caught} clean examples dropped"])
-    summary.append(["Seal", f"<code>{cert['seal']['hash']}</code>"])
+    summary.append(["Seal", _code(cert["seal"]["hash"])])
+    sig = cert.get("signature")
+    summary.append(["Signature", Html(f"ed25519, key {_code(sig.get('key_id'))}") if isinstance(sig, dict)
+                    else "none: this certificate shows integrity only, not origin"])
     parts.append(_table(None, summary))
-    parts.append("<p class='muted'>Check it with <code>sanitizer verify cert.json</code> (add <code>--data</code> "
-                 "to check the dataset fingerprint). The hash chain shows edits relative to the seal above; "
-                 "publish the seal somewhere the certificate's holder cannot change.</p>")
+    parts.append("<p class='muted'>Check it with <code>sanitizer verify cert.json --public-key issuer.pub.pem</code> "
+                 "(add <code>--data</code> to check the dataset fingerprint). This page is a rendering of the "
+                 "file: only <code>verify</code> says whether the file is intact and who signed it.</p>")
 
     parts.append("<h2>Rounds</h2>" + imgs.get("rounds", "<p>No rounds ran.</p>"))
     rows = [[r["round"], r["epoch"], r["candidates"], len(r["dropped_now"]), r["dropped_total"]]
@@ -446,14 +464,14 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         parts.append("<p>No per-round gradient statistics were recorded (attach a "
                      "<code>BoundRecorder</code> before training).</p>")
     else:
-        parts.append(f"<p>{html.escape(bound['theorem'])}. {html.escape(bound['statement'])}</p>" + imgs["bound"])
+        parts.append(f"<p>{e(bound['theorem'])}. {e(bound['statement'])}</p>" + imgs.get("bound", ""))
         rows = [[r["round"], r["epoch"], b["rho"], b["rho_round"], b["grad_max"], b["grad_norm"], b["loss"],
                  b["mu_estimate"], b["slack"]] for r in audit["rounds"] for b in [r["extras"]["bound"]]]
         parts.append(_table(["round", "epoch", "ρ", "ρ (round)", "∇max", "‖∇L‖", "L", "µ̂", "slack"], rows))
         parts.append(f"<p>Conservative slack (largest ρ and ∇max with the smallest µ̂): "
-                     f"<b>{_fmt(bound['conservative_slack'])}</b>.</p>")
+                     f"<b>{e(bound.get('conservative_slack'))}</b>.</p>")
         parts.append("<div class='note'><b>Not verified by this run:</b><ul>"
-                     + "".join(f"<li>{html.escape(a)}</li>" for a in bound["assumptions_not_verified"])
+                     + "".join(f"<li>{e(a)}</li>" for a in bound["assumptions_not_verified"])
                      + "</ul></div>")
 
     parts.append("<h2>Measured robustness</h2>")
@@ -462,12 +480,13 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
         parts.append("<p>Not measured (run <code>sanitizer certify --attacks ...</code>).</p>")
     else:
         px = rob["proxy"]
-        parts.append(f"<p class='note'>{html.escape(rob['label'])}. Proxy: {px['train_size']} of {px['of']} "
-                     f"training examples, {px['train_config']['epochs']} epochs, {px['runs']} run(s) per attack, "
-                     f"{px['test_size']} test images.</p>")
+        epochs = px.get("train_config", {}).get("epochs") if isinstance(px.get("train_config"), dict) else None
+        parts.append(f"<p class='note'>{e(rob['label'])}. Proxy: {e(px.get('train_size'))} of {e(px.get('of'))} "
+                     f"training examples, {e(epochs)} epochs, {e(px.get('runs'))} run(s) per attack, "
+                     f"{e(px.get('test_size'))} test images.</p>")
         rows = [[a["attack"], a["goal"], a["runs"], a["measure"], _rate(a["undefended"]["attack_success"]),
                  _rate(a["sanitized"]["attack_success"]), _rate(a["undefended"]["clean_accuracy"]),
-                 _rate(a["sanitized"]["clean_accuracy"]), _rate(a["poisons_dropped"])] for a in rob["attacks"]]
+                 _rate(a["sanitized"]["clean_accuracy"]), _rate(a.get("poisons_dropped"))] for a in rob["attacks"]]
         parts.append(_table(["attack", "goal", "runs", "success means", "success undefended",
                              "success sanitized", "clean acc. undefended", "clean acc. sanitized",
                              "poisons dropped"], rows))
@@ -477,20 +496,78 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
     part = cert["partition"]
     if part is not None:
         parts.append("<h2>Provable certificate: partition aggregation</h2>")
-        parts.append(f"<p>{html.escape(part['guarantee'])} Partition rule: {html.escape(part['hash'])}. "
-                     f"Clean accuracy of the vote: {part['clean_accuracy']:.1%} on {part['test_size']} test "
-                     "images.</p>" + imgs["partition"])
+        clean = part.get("clean_accuracy")
+        parts.append(f"<p>{e(part.get('guarantee', ''))} Partition rule: {e(part['hash'])}. "
+                     f"Clean accuracy of the vote: {e(f'{clean:.1%}' if clean is not None else None)} on "
+                     f"{e(part['test_size'])} test images.</p>" + imgs.get("partition", ""))
         shown = [c for c in part["certified_accuracy"] if c["radius"] <= 10]
         parts.append(_table(["radius", "certified accuracy"], [[c["radius"], c["accuracy"]] for c in shown]))
     versions = ", ".join(f"{k} {v}" for k, v in audit["versions"].items())
-    parts.append(f"<h2>Environment</h2><p class='muted'>{html.escape(versions)}. Seeds: "
-                 f"{html.escape(str(audit['seeds']))}.</p>")
+    parts.append(f"<h2>Environment</h2><p class='muted'>{e(versions)}. Seeds: {e(audit['seeds'])}.</p>")
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Sanitizer certificate</title>"
             f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body><main>"
             + "\n".join(parts) + "</main></body></html>")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# -- the plain-text summary ``sanitizer certify`` prints ------------------------------------------
+def _columns(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _short_rate(r: dict | None) -> str:
+    if r is None or r["rate"] is None:
+        return "–"
+    lo, hi = r["wilson95"]
+    return f"{r['rate']:.1%} [{lo:.1%}, {hi:.1%}] ({r['successes']}/{r['trials']})"
+
+
+def text_summary(cert: dict[str, Any]) -> str:
+    """A short plain-text table of a certificate's results, one block per section it has.
+
+    Example:
+        >>> print(text_summary(cert))  # doctest: +SKIP
+        audit       200 examples, 2 rounds, 12 dropped (6.0%)
+        ...
+    """
+    audit, lines = cert["audit"], []
+    size, dropped = audit["dataset"]["size"], audit["dropped"]
+    poisons = set(audit["dataset"].get("poison_indices") or [])
+    line = f"audit       {size} examples, {len(audit['rounds'])} rounds, {len(dropped)} dropped " \
+           f"({len(dropped) / size:.1%})"
+    if poisons:
+        line += f"; known poisons: {len(poisons & set(dropped))} of {len(poisons)} dropped"
+    lines.append(line)
+    bound = cert.get("bound")
+    if bound:
+        lines.append(f"bound       max ρ {_fmt(bound['max_rho'])}, max ∇max {_fmt(bound['max_grad_max'])}, "
+                     f"conservative slack {_fmt(bound.get('conservative_slack'))} (assumptions not verified)")
+    rob = cert.get("robustness")
+    if rob and rob["attacks"]:
+        runs = rob["proxy"].get("runs")
+        lines.append(f"robustness  proxy run, {runs} run(s) per attack: attack success, rate [Wilson 95%] "
+                     "(successes/trials)")
+        rows = [["attack", "undefended", "sanitized", "poisons dropped"]]
+        rows += [[str(a["attack"]), _short_rate(a["undefended"]["attack_success"]),
+                  _short_rate(a["sanitized"]["attack_success"]), _short_rate(a.get("poisons_dropped"))]
+                 for a in rob["attacks"]]
+        lines += _columns(rows)
+    part = cert.get("partition")
+    if part:
+        accs = [a for a in part.get("part_accuracies") or [] if a is not None]
+        mean = f"{np.mean(accs):.1%}" if accs else "not recorded"
+        radii = np.asarray(part["radii"])
+        curve = {c["radius"]: c["accuracy"] for c in part["certified_accuracy"]}
+        lines.append(f"partition   {part['partitions']} part models, mean part accuracy {mean}, vote accuracy "
+                     f"{part.get('clean_accuracy', 0):.1%} on {part['test_size']} test images")
+        if len(radii):
+            lines.append(f"            certified radius: median {np.median(radii):g}, max {radii.max()}, "
+                         f"≥ 1 for {(radii >= 1).mean():.1%} of test images; certified accuracy "
+                         + ", ".join(f"{curve[r]:.1%} at r={r}" for r in sorted(curve)[:4]))
+    return "\n".join(lines)
 
 
 def find_browser() -> str | None:
