@@ -61,17 +61,17 @@ def defense_options(name: str) -> dict[str, Any] | None:
         return None
     if name == "default":
         return {}
-    if name == "density2s":
+    if name in ("density2s", "density2s-drop"):  # density2s unlearns what it drops where the Sanitizer can
         options: dict[str, Any] = {"policy": "density", "policy_options": {"two_sided": True, "max_fraction": 0.2}}
-        if "action" in inspect.signature(Sanitizer).parameters:
+        if name == "density2s" and "action" in inspect.signature(Sanitizer).parameters:
             options["action"] = "unlearn"
         return options
     if name in ("cleanlab", "epic-0.1"):
         return {"policy": name}
-    raise SystemExit(f"unknown defense {name!r}; choose from none, default, density2s, cleanlab, epic-0.1")
+    raise SystemExit(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}, density2s-drop")
 
 
-DEFENSES = ("none", "default", "density2s", "cleanlab", "epic-0.1")
+DEFENSES = ("none", "default", "density2s", "cleanlab", "epic-0.1")  # the default list; also density2s-drop
 
 
 def proportion(successes: int, trials: int) -> dict[str, Any]:
@@ -177,7 +177,8 @@ def sanitizer_record(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, A
             "action": getattr(sanitizer, "action", "drop"),
             "rounds": [{"epoch": r["epoch"], "dropped": len(r["dropped_now"]),
                         "poisons": int(is_poison[np.asarray(r["dropped_now"], dtype=np.int64)].sum())}
-                       for r in sanitizer.history]}
+                       for r in sanitizer.history],
+            "unlearn": [r["unlearn"] for r in sanitizer.history if "unlearn" in r] or None}
 
 
 def run_victim(exp: Experiment, attack: str, defense: str, seed: int, poisons) -> dict[str, Any]:
@@ -296,7 +297,7 @@ COLUMNS: list[tuple[str, Callable[[dict], dict | None]]] = [
 def summary(paths: list[Path]) -> str:
     """A Markdown table, attack × defense, every proportion pooled over the runs with its Wilson interval."""
     victims = [r for p in paths for r in read_rows(p) if r.get("kind") == "victim"]
-    order = {a: i for i, a in enumerate(ATTACKS)} | {d: i for i, d in enumerate(DEFENSES)}
+    order = {a: i for i, a in enumerate(ATTACKS)} | {d: i for i, d in enumerate(DEFENSES)} | {"density2s-drop": 2.5}
     keys = sorted({(r["attack"], r["defense"]) for r in victims},
                   key=lambda k: (order.get(k[0], 99), k[0], order.get(k[1], 99), k[1]))
     lines = ["| attack | defense | runs (seeds) | policy | " + " | ".join(c for c, _ in COLUMNS) + " |",
