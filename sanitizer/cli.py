@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from sanitizer.errors import SanitizerError
+
 # Modules that contribute subcommands; each defines register(subparsers) and sets a handler via
 # parser.set_defaults(handler=callable(args) -> int).
 COMMAND_MODULES = (
@@ -24,12 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Bad input (a :class:`~sanitizer.errors.SanitizerError`, ``ValueError`` or an
+    ``OSError`` about a named file) ends in one line ``sanitizer: error: <message>`` on stderr and exit
+    status 2; any other exception is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (SanitizerError, ValueError) as exc:
+        return _user_error(exc)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: keep it visible
+            raise
+        return _user_error(exc)
+
+
+def _user_error(exc: BaseException) -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"sanitizer: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

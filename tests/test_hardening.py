@@ -2,12 +2,14 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from sanitizer import Sanitizer, gradient_embeddings, select
+from sanitizer.cli import main
 from sanitizer.data import ImageTensorDataset, cifar10, load_cifar10
 from sanitizer.errors import SanitizerError
 from sanitizer.models import CompactCNN
@@ -154,3 +156,69 @@ def test_truncated_oversized_and_missing_cifar_files(tmp_path, small_batches, mo
         load_cifar10(tmp_path, train=False)
     with pytest.raises(FileNotFoundError, match="no CIFAR-10 batches"):
         load_cifar10(tmp_path / "elsewhere")
+
+
+# ---------------------------------------------------------------- the command line: one line, exit 2
+
+def _bad_cifar(tmp_path):
+    _cifar_folder(tmp_path)  # batches of 4 images: refused, a real one holds 10000
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--out", "{file}", "--quick"], "File exists"),
+    (["attack", "no_such_attack", "--out", "{tmp}/p.npz"], "unknown attack 'no_such_attack'"),
+    (["attack", "label_flip", "--budget", "-3", "--out", "{tmp}/p.npz"], "budget must be at least 1"),
+    (["certify", "--policy", "no_such_policy", "--out", "{tmp}/c.json"], "unknown policy 'no_such_policy'"),
+    (["certify", "--data", "cifar10", "--data-root", "{cifar}", "--out", "{tmp}/c.json"], "data_batch_1: 'data'"),
+    (["certify", "--data", "cifar10", "--data-root", "{tmp}/nowhere", "--out", "{tmp}/c.json"],
+     "no CIFAR-10 batches"),
+    (["verify", "{file}", "--public-key", "{tmp}/missing.pem"], "cannot read the public key"),
+])
+def test_cli_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    import sanitizer.attacks.command as attack_command
+    import sanitizer.certificate.command as certificate_command
+    import sanitizer.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started despite bad input")
+
+    for module, name in [(attack_command, "build_surrogate"), (attack_command, "craft_with_convention"),
+                         (certificate_command, "BoundRecorder"), (demo, "digits_demo_settings")]:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, never)
+    (tmp_path / "afile").write_text("{}")
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    _bad_cifar(cifar)
+    argv = [a.format(file=tmp_path / "afile", tmp=tmp_path, cifar=cifar) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"^sanitizer( \w+)?: error: ", err) and re.search(message, err), err
+
+
+def test_cli_attack_data_errors_exit_with_one_line(tmp_path):
+    # sanitizer/attacks/command.py reports bad data as SystemExit(message): one line too, but exit status 1
+    cifar = _bad_cifar(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["attack", "label_flip", "--data", "cifar10", "--data-root", str(cifar), "--out", str(tmp_path / "p.npz")])
+    text = str(info.value.code)
+    assert "\n" not in text and re.search(r"data_batch_1: 'data' must be a uint8 array of shape \(10000, 3072\)", text)
+
+
+def test_cli_keeps_real_bugs_visible(monkeypatch, capsys):
+    import sanitizer.demo as demo
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(demo, "run_demo", bug)
+    with pytest.raises(KeyError):
+        main(["demo"])
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: (_ for _ in ()).throw(OSError("no file involved")))
+    with pytest.raises(OSError):
+        main(["demo"])
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: (_ for _ in ()).throw(SanitizerError("two\nlines")))
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == "sanitizer: error: two lines\n"
