@@ -21,24 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sanitizer.errors import SanitizerError, check_map_dataset
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
 from sanitizer.sketch import CountSketch, KroneckerSketch
 
 KINDS = ("last_layer", "logits", "features", "params")
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a parameterless model or a plain callable)."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
     return torch.device("cpu")
 
 
-def find_last_linear(model: nn.Module, example: torch.Tensor) -> nn.Linear:
-    """The ``nn.Linear`` whose output is the model's output, found by running one forward pass."""
+def find_last_linear(model: nn.Module, example: torch.Tensor, num_classes: int | None = None) -> nn.Linear:
+    """The ``nn.Linear`` whose output is the model's output, found by running one forward pass.
+
+    ``num_classes`` picks the logits out of a model that returns a tuple (see :func:`logits_of`).
+    """
     calls: list[tuple[nn.Linear, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, _inp, out: calls.append((mod, out)))
              for m in model.modules() if isinstance(m, nn.Linear)]
@@ -48,7 +49,7 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> nn.Linear:
     finally:
         for h in hooks:
             h.remove()
-    out = _logits_of(out)
+    out = logits_of(out, num_classes)
     for module, produced in reversed(calls):
         if produced is out or (produced.shape == out.shape and torch.equal(produced, out)):
             return module
@@ -60,15 +61,48 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> nn.Linear:
     )
 
 
-def _logits_of(output) -> torch.Tensor:
-    """Accept models that return a tensor, a tuple whose first item is the logits, or an object with .logits."""
+def logits_of(output, num_classes: int | None = None, produced: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``[B, C]`` in a model's output: the tensor itself, its ``.logits`` (or ``["logits"]``),
+    or the one element of a tuple/list that can be the logits.
+
+    A tuple such as ``(features, logits)`` is resolved by identity or shape, never by position: the
+    element that is ``produced`` (the output of a known last layer), else the element of shape
+    ``[B, num_classes]``, else (no ``num_classes``) the only 2-D floating tensor. When none or several
+    fit, the error lists the shapes and the fixes.
+    """
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
         return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise SanitizerError(f"cannot read logits from a model output of type {type(output).__name__}")
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if not isinstance(output, (tuple, list)):
+        raise SanitizerError(f"cannot read logits from a model output of type {type(output).__name__}; "
+                             "return a tensor, a tuple holding one, or an object with .logits")
+    tensors = [(i, t) for i, t in enumerate(output) if isinstance(t, torch.Tensor)]
+    if produced is not None:
+        same = [t for _, t in tensors if t is produced]
+        if same:
+            return same[0]
+    fits = [t for _, t in tensors if t.ndim == 2 and t.is_floating_point()
+            and (num_classes is None or t.shape[1] == num_classes)]
+    if len(fits) == 1:
+        return fits[0]
+    shapes = ", ".join(f"[{i}]: {tuple(t.shape)}" for i, t in tensors) or "no tensors"
+    wanted = f"[batch, {num_classes}]" if num_classes is not None else "2-D floating"
+    found = (f"none of its elements is a {wanted} tensor" if not fits
+             else f"{len(fits)} of its elements are {wanted} tensors")
+    raise SanitizerError(
+        f"cannot tell which element of the model's output holds the logits: it returns a "
+        f"{type(output).__name__} ({shapes}) and {found}. Wrap the model so it returns the logits alone "
+        "(e.g. an nn.Module whose forward returns model(x)[1]), or pass last_layer=<the classifier nn.Linear> "
+        "(its output is taken)"
+        + (", or num_classes= (the element with that many columns is taken)" if num_classes is None else "")
+        + "."
+    )
+
+
+_logits_of = logits_of  # the name other modules import
 
 
 def _call(model: nn.Module, x: Any):
@@ -92,11 +126,20 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
         key = "labels" if "labels" in batch else "label" if "label" in batch else None
         if key is None:
             raise SanitizerError(f"a dict batch needs a 'labels' (or 'label') entry; got keys {sorted(batch)}")
-        return {k: v for k, v in batch.items() if k not in ("labels", "label")}, torch.as_tensor(batch[key])
+        return {k: v for k, v in batch.items() if k not in ("labels", "label")}, _label_tensor(batch[key])
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise SanitizerError("the dataset must yield (input, label) or (input, label, ...) tuples, "
                              "or dicts with a 'labels' entry")
-    return batch[0], torch.as_tensor(batch[1])
+    return batch[0], _label_tensor(batch[1])
+
+
+def _label_tensor(labels: Any) -> torch.Tensor:
+    try:
+        return torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        shown = repr(labels[:3] if isinstance(labels, (list, tuple)) else labels)[:80]
+        raise SanitizerError(f"labels must be integer class indices, got {shown}; map class names to indices "
+                             "in the dataset") from exc
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, indices: Sequence[int] | None = None,
@@ -116,19 +159,31 @@ def iterate_batches(dataset: Dataset, batch_size: int, indices: Sequence[int] | 
         yield _split_batch(batch)
 
 
-class _EvalMode:
-    """Put every module in eval mode and restore each module's own previous mode afterwards."""
+class EvalMode:
+    """Eval mode for a model, or for every ``nn.Module`` in a list of models (other callables are ignored),
+    with dropout left on when ``dropout=True``; each module's own previous mode is restored afterwards."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, models: nn.Module | Sequence, dropout: bool = False) -> None:
+        models = models if isinstance(models, (list, tuple)) else [models]
+        self.models = [m for m in models if isinstance(m, nn.Module)]
+        self.dropout = dropout
 
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+    def __enter__(self) -> EvalMode:
+        self.modes = [(mod, mod.training) for m in self.models for mod in m.modules()]
+        for m in self.models:
+            m.eval()
+            if self.dropout:
+                for mod in m.modules():
+                    if isinstance(mod, nn.modules.dropout._DropoutNd):
+                        mod.train()
+        return self
 
     def __exit__(self, *exc) -> None:
-        for m, mode in self.modes:
-            m.training = mode
+        for mod, mode in self.modes:
+            mod.training = mode
+
+
+_EvalMode = EvalMode  # the name other modules import
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -196,36 +251,38 @@ def gradient_embeddings(
     sketch: KroneckerSketch | None = None
     captured: dict[str, torch.Tensor] = {}
     hook = None
+    hint = num_classes if num_classes is not None else getattr(last_layer, "out_features", None)
     with _EvalMode(model):
         done = 0
-        for x, y in iterate_batches(dataset, batch_size, indices, num_workers, collate_fn):
-            x = _to_device(x, dev)
-            y = y.to(dev).long()
-            if last_layer is None and kind != "logits":
-                last_layer = find_last_linear(model, _head(x, 2))
-            if hook is None and kind != "logits":
-                hook = last_layer.register_forward_hook(lambda _m, inp, _o: captured.__setitem__("h", inp[0]))
-            try:
-                z = _logits_of(_call(model, x))
-            except Exception:
-                if hook is not None:
-                    hook.remove()
-                raise
-            emb = _embed_batch(z, y, captured.get("h"), kind, num_classes, dtype)
-            if kind == "last_layer":
-                h1 = torch.cat([emb[1], torch.ones(len(y), 1, device=dev, dtype=emb[1].dtype)], 1)
-                if z.shape[1] * h1.shape[1] <= max_dim:
-                    emb = (emb[0][:, :, None] * h1[:, None, :]).reshape(len(y), -1)
-                else:
-                    if sketch is None:
-                        sketch = KroneckerSketch(z.shape[1], h1.shape[1], max_dim, seed, dev, emb[0].dtype)
-                    emb = sketch(emb[0], h1)
-            if out is None:
-                out = torch.empty(rows, emb.shape[1], dtype=dtype)
-            out[done:done + len(emb)] = emb.to("cpu", dtype)
-            done += len(emb)
-        if hook is not None:
-            hook.remove()
+        try:
+            for x, y in iterate_batches(dataset, batch_size, indices, num_workers, collate_fn):
+                x = _to_device(x, dev)
+                y = _batch_labels(y, dev, num_classes)
+                if last_layer is None and kind != "logits":
+                    last_layer = find_last_linear(model, _head(x, 2), hint)
+                    hint = num_classes if num_classes is not None else last_layer.out_features
+                if hook is None and last_layer is not None:
+                    hook = last_layer.register_forward_hook(
+                        lambda _m, inp, out: captured.update(h=inp[0], z=out))
+                captured.clear()
+                output = _call(model, x)  # fills captured through the hook
+                z = logits_of(output, hint, captured.get("z"))
+                emb = _embed_batch(z, y, captured.get("h"), kind, num_classes, dtype)
+                if kind == "last_layer":
+                    h1 = torch.cat([emb[1], torch.ones(len(y), 1, device=dev, dtype=emb[1].dtype)], 1)
+                    if z.shape[1] * h1.shape[1] <= max_dim:
+                        emb = (emb[0][:, :, None] * h1[:, None, :]).reshape(len(y), -1)
+                    else:
+                        if sketch is None:
+                            sketch = KroneckerSketch(z.shape[1], h1.shape[1], max_dim, seed, dev, emb[0].dtype)
+                        emb = sketch(emb[0], h1)
+                if out is None:
+                    out = torch.empty(rows, emb.shape[1], dtype=dtype)
+                out[done:done + len(emb)] = emb.to("cpu", dtype)
+                done += len(emb)
+        finally:
+            if hook is not None:
+                hook.remove()
     if out is None:
         raise SanitizerError("the dataset is empty: nothing to embed")
     if not torch.isfinite(out).all():
@@ -233,6 +290,13 @@ def gradient_embeddings(
         raise SanitizerError(f"non-finite gradient embedding at row {bad}: the model produced NaN/inf logits; "
                              "check the learning rate and the inputs")
     return out
+
+
+def _batch_labels(y: torch.Tensor, device: torch.device, num_classes: int | None) -> torch.Tensor:
+    """A batch's labels as int64 on ``device``; 1.7 or NaN is refused, not truncated by ``.long()``."""
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        return y.to(device).long()
+    return torch.from_numpy(check_labels(y, num_classes)).to(device)
 
 
 def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind: str,
@@ -272,7 +336,7 @@ def _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, p
     step = max(1, min(batch_size, (1 << 26) // max(total, 1)))
 
     def loss_of(p, x, y):
-        z = _logits_of(functional_call(model, ({**frozen, **p}, buffers), (x[None],)))
+        z = logits_of(functional_call(model, ({**frozen, **p}, buffers), (x[None],)), num_classes)
         return F.cross_entropy(z, y[None])
 
     per_example = vmap(grad(loss_of), in_dims=(None, 0, 0))
@@ -281,7 +345,7 @@ def _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, p
         for x, y in iterate_batches(dataset, step, indices, num_workers):
             if isinstance(x, Mapping):
                 raise SanitizerError("kind='params' supports tensor inputs only; use 'last_layer' for dict inputs")
-            x, y = x.to(dev), y.to(dev).long()
+            x, y = x.to(dev), _batch_labels(y, dev, num_classes)
             if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
                 raise SanitizerError(f"label {int(y.max())} is out of range for {num_classes} classes")
             g = per_example(trained, x, y)

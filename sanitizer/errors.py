@@ -24,24 +24,59 @@ def check_map_dataset(dataset: Dataset) -> int:
         raise SanitizerError("the dataset has no __len__; the sanitizer needs a sized, indexable dataset") from exc
 
 
+# Without an explicit ``num_classes``, a label at or above this is refused: it would make the sanitizer
+# size per-class tables for that many classes (label 10**9 asked deep k-NN for hundreds of GiB).
+MAX_IMPLICIT_CLASSES = 1_000_000
+
+
 def check_labels(labels: torch.Tensor | np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Labels as int64 numpy, checked to be 1-D integers in ``[0, num_classes)``."""
+    """Labels as int64 numpy, checked to be 1-D integers in ``[0, num_classes)``.
+
+    Integer-valued floats (``1.0``) are accepted; ``1.7``, NaN, strings, complex numbers and scalars are
+    refused. Without ``num_classes`` a label of :data:`MAX_IMPLICIT_CLASSES` or more is refused.
+    """
     arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.ndim == 0:
+        raise SanitizerError(f"labels must be a 1-D sequence of class indices, got the scalar {arr.item()!r}")
     if arr.ndim != 1:
         raise SanitizerError(f"labels must be 1-D class indices, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise SanitizerError("labels must be integer class indices, got non-integer values")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise SanitizerError(f"label {int(arr.min())} is negative; labels must be class indices >= 0")
-    if num_classes is not None and arr.size and arr.max() >= num_classes:
-        bad = int(np.flatnonzero(arr >= num_classes)[0])
+    if arr.dtype == object:  # e.g. a list mixing ints and floats: let numpy find the common type
+        arr = np.asarray(arr.tolist())
+    if num_classes is not None:
+        num_classes = check_positive_int(num_classes, "num_classes")
+    if arr.dtype == bool:
+        arr = arr.astype(np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        kind = "strings" if arr.dtype.kind in "US" else str(arr.dtype)
+        raise SanitizerError(f"labels must be integer class indices, got {kind}; map class names to indices first "
+                             "(e.g. np.unique(names, return_inverse=True)[1])")
+    if not arr.size:
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.floating):
+        wrong = ~np.isfinite(arr) | (np.mod(arr, 1) != 0)
+        if wrong.any():
+            bad = int(np.flatnonzero(wrong)[0])
+            raise SanitizerError(
+                f"label {str(arr[bad])} at index {bad} is not an integer class index (a cast would truncate it); "
+                "labels must be whole numbers such as 0, 1, 2"
+            )
+    if arr.min() < 0:
+        bad = int(np.argmin(arr))
+        raise SanitizerError(f"label {int(arr[bad])} at index {bad} is negative; labels must be class indices >= 0")
+    limit = num_classes if num_classes is not None else MAX_IMPLICIT_CLASSES
+    if arr.max() >= limit:  # compared before the int64 cast, so uint64 and huge floats cannot wrap around
+        bad = int(np.argmax(arr))
+        if num_classes is not None:
+            raise SanitizerError(
+                f"label {int(arr[bad])} at index {bad} is out of range for {num_classes} classes; "
+                "check the label mapping or pass the right num_classes"
+            )
         raise SanitizerError(
-            f"label {int(arr[bad])} at index {bad} is out of range for {num_classes} classes; "
-            "check the label mapping or pass the right num_classes"
+            f"label {int(arr[bad])} at index {bad} would mean {int(arr[bad]) + 1} classes; labels are class "
+            "indices 0..C-1. Remap them (np.unique(labels, return_inverse=True)[1]) or, if there really are "
+            "that many classes, pass num_classes= explicitly"
         )
-    return arr
+    return arr.astype(np.int64)
 
 
 def check_embeddings(embeddings: torch.Tensor | np.ndarray, n: int | None = None) -> np.ndarray:
@@ -57,14 +92,17 @@ def check_embeddings(embeddings: torch.Tensor | np.ndarray, n: int | None = None
         raise SanitizerError(f"embeddings must be numbers, got dtype {arr.dtype}")
     if n is not None and arr.shape[0] != n:
         raise SanitizerError(f"{arr.shape[0]} embeddings but {n} labels; they must match one to one")
-    finite = np.isfinite(arr).all(axis=1)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(out).all(axis=1)  # after the cast: 1e300 becomes inf in float32
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise SanitizerError(
-            f"{len(bad)} embeddings contain NaN or inf (first at row {int(bad[0])}): the model's loss "
-            "diverged or the inputs are corrupt. Lower the learning rate or check the data before sanitizing."
+            f"{len(bad)} embeddings contain NaN or inf or exceed float32's range (first at row {int(bad[0])}): "
+            "the model's loss diverged or the inputs are corrupt. Lower the learning rate or check the data "
+            "before sanitizing."
         )
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return out
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -85,4 +123,15 @@ def check_threshold(value, name: str = "threshold") -> float:
         raise SanitizerError(f"{name} must be a number, got {value!r}") from exc
     if not np.isfinite(value) or value <= 0:
         raise SanitizerError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_fraction(value, name: str, high: float = 1.0, zero_ok: bool = False) -> float:
+    """A number in ``(0, high]`` (``[0, high]`` with ``zero_ok``), refusing NaN, strings and bools."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SanitizerError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    low_ok = value >= 0 if zero_ok else value > 0
+    if not (low_ok and value <= high):  # also False for NaN
+        raise SanitizerError(f"{name} must lie in {'[' if zero_ok else '('}0, {high:g}], got {value}")
     return value

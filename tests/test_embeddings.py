@@ -7,6 +7,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 from sanitizer import find_last_linear, gradient_embeddings
 from sanitizer.data import ImageTensorDataset
+from sanitizer.embeddings import EvalMode, logits_of, model_device
 from sanitizer.errors import SanitizerError
 from sanitizer.models import CompactCNN
 from sanitizer.sketch import CountSketch, KroneckerSketch
@@ -153,3 +154,87 @@ def test_embeddings_are_finite_numpy_compatible():
     emb = gradient_embeddings(model, ds, max_dim=64)
     assert emb.shape[0] == 16 and emb.shape[1] <= 64
     assert np.isfinite(emb.numpy()).all()
+
+
+class TwoHeads(nn.Module):
+    """Returns ``(features, logits)`` (or ``(logits, features)`` with ``logits_first``)."""
+
+    def __init__(self, hidden=7, classes=4, logits_first=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.logits_first = nn.Linear(12, hidden), nn.Linear(hidden, classes), logits_first
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        z = self.head(h)
+        return (z, h) if self.logits_first else (h, z)
+
+    def plain(self):
+        return nn.Sequential(self.body, nn.Tanh(), self.head)
+
+
+@pytest.mark.parametrize("logits_first", [False, True])
+@pytest.mark.parametrize("kind", ["last_layer", "logits", "features"])
+def test_a_tuple_output_is_read_by_shape_not_position(logits_first, kind):
+    model = TwoHeads(logits_first=logits_first)
+    ds = TensorDataset(torch.randn(10, 12), torch.arange(10) % 4)
+    expected = gradient_embeddings(model.plain(), ds, kind=kind)
+    torch.testing.assert_close(gradient_embeddings(model, ds, kind=kind, num_classes=4), expected)
+    torch.testing.assert_close(gradient_embeddings(model, ds, kind=kind, last_layer=model.head), expected)
+    with pytest.raises(SanitizerError, match=r"\(\d+, 7\).*\(\d+, 4\)|\(\d+, 4\).*\(\d+, 7\)") as info:
+        gradient_embeddings(model, ds, kind=kind)  # no num_classes: two 2-D tensors, no guess
+    assert "last_layer=" in str(info.value) and "num_classes=" in str(info.value)
+
+
+def test_an_ambiguous_tuple_is_refused_unless_the_last_layer_is_named():
+    model = TwoHeads(hidden=4, classes=4)  # features and logits both [B, 4]
+    ds = TensorDataset(torch.randn(6, 12), torch.arange(6) % 4)
+    with pytest.raises(SanitizerError, match=r"2 of its elements are \[batch, 4\] tensors.*last_layer="):
+        gradient_embeddings(model, ds, num_classes=4)
+    with pytest.raises(SanitizerError, match="none of its elements is a \\[batch, 5\\] tensor"):
+        find_last_linear(model, torch.randn(2, 12), num_classes=5)
+    torch.testing.assert_close(gradient_embeddings(model, ds, num_classes=4, last_layer=model.head),
+                               gradient_embeddings(model.plain(), ds))
+
+
+def test_logits_of_reads_tensors_attributes_and_mappings():
+    z = torch.randn(3, 4)
+    assert logits_of(z) is z and logits_of({"logits": z, "loss": z.sum()}) is z
+    assert logits_of((z.sum(), z)) is z  # a scalar loss beside the logits is no ambiguity
+    with pytest.raises(SanitizerError, match="type int"):
+        logits_of(3)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0.0, 1.7, 2.0]), "label 1.7 at index 1 is not an integer"),
+    (torch.tensor([0.0, float("nan"), 2.0]), "label nan"),
+])
+def test_float_labels_in_a_dataset_are_refused_not_truncated(labels, message):
+    model = small_mlp()
+    with pytest.raises(SanitizerError, match=message):
+        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), labels))
+    whole = gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.tensor([0.0, 1.0, 2.0])))
+    assert whole.shape[0] == 3  # integer-valued floats are class indices
+
+
+def test_string_labels_in_a_dataset_are_refused():
+    class Named(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(12), "cat"
+
+    with pytest.raises(SanitizerError, match="integer class indices, got \\('cat'"):
+        gradient_embeddings(small_mlp(), Named())
+
+
+def test_model_device_and_eval_mode_serve_lists_and_callables():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    assert model_device(model) == torch.device("cpu") and model_device(lambda x: x) == torch.device("cpu")
+    model.train()
+    with EvalMode([model, len], dropout=True):
+        assert not model.training and model[1].training
+    with EvalMode(model):
+        assert not model[1].training
+    assert model.training and model[1].training

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from sanitizer.data.tensors import ImageTensorDataset
+from sanitizer.embeddings import EvalMode as eval_mode  # noqa: F401  (the attacks' name for it)
+from sanitizer.embeddings import model_device as module_device  # noqa: F401
 from sanitizer.errors import check_positive_int  # noqa: F401  (one check for the whole package)
 
 
@@ -31,8 +33,6 @@ def class_or_draw(value: int | None, num_classes: int, seed: int, name: str, exc
         choices = [c for c in range(num_classes) if c != exclude]
         return int(np.random.default_rng([seed, 29]).choice(choices))
     return check_class(value, num_classes, name)
-
-
 
 
 def resolve_single_target(test_set: ImageTensorDataset | None, target_index: int | None,
@@ -86,36 +86,6 @@ def feature_fn(model, attack: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"{attack}: the surrogate {type(model).__name__} has no .penultimate(x); pass "
                          "feature_extractor=callable mapping images to features")
     raise TypeError(f"{attack}: expected a model or a callable feature extractor, got {type(model).__name__}")
-
-
-def module_device(model) -> torch.device:
-    if isinstance(model, nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
-class eval_mode:
-    """Context manager: eval mode for the models (dropout on if ``dropout``), previous modes restored."""
-
-    def __init__(self, models: Sequence, dropout: bool = False) -> None:
-        self.models = [m for m in models if isinstance(m, nn.Module)]
-        self.dropout = dropout
-
-    def __enter__(self):
-        self.saved = [[mod.training for mod in m.modules()] for m in self.models]
-        for m in self.models:
-            m.eval()
-            if self.dropout:
-                for mod in m.modules():
-                    if isinstance(mod, nn.modules.dropout._DropoutNd):
-                        mod.train()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m, flags in zip(self.models, self.saved):
-            for mod, flag in zip(m.modules(), flags):
-                mod.training = flag
 
 
 def has_dropout(model) -> bool:
