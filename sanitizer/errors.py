@@ -47,9 +47,10 @@ def check_labels(labels: torch.Tensor | np.ndarray, num_classes: int | None = No
     if arr.dtype == bool:
         arr = arr.astype(np.int64)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        kind = "strings" if arr.dtype.kind in "US" else str(arr.dtype)
-        raise SanitizerError(f"labels must be integer class indices, got {kind}; map class names to indices first "
-                             "(e.g. np.unique(names, return_inverse=True)[1])")
+        if arr.dtype.kind in "US":
+            raise SanitizerError("labels must be integer class indices, got strings; map class names to indices "
+                                 "first (e.g. np.unique(names, return_inverse=True)[1])")
+        raise SanitizerError(f"labels must be integer class indices, got dtype {arr.dtype}")
     if not arr.size:
         return arr.astype(np.int64)
     if np.issubdtype(arr.dtype, np.floating):

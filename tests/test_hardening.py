@@ -11,7 +11,7 @@ import torch
 from sanitizer import Sanitizer, gradient_embeddings, select
 from sanitizer.cli import main
 from sanitizer.data import ImageTensorDataset, cifar10, load_cifar10
-from sanitizer.errors import SanitizerError
+from sanitizer.errors import SanitizerError, check_labels
 from sanitizer.models import CompactCNN
 
 
@@ -222,3 +222,84 @@ def test_cli_keeps_real_bugs_visible(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: (_ for _ in ()).throw(SanitizerError("two\nlines")))
     assert main(["demo"]) == 2
     assert capsys.readouterr().err == "sanitizer: error: two lines\n"
+
+
+# ---------------------------------------------------------------- labels and policy options
+
+@pytest.mark.parametrize("labels, message", [
+    (np.r_[np.zeros(29), 1.7], "label 1.7 at index 29 is not an integer"),
+    (np.r_[np.zeros(29), np.nan], "label nan at index 29"),
+    (np.array(["cat", "dog"] * 15), "got strings; map class names"),
+    (np.zeros(30, complex), "got dtype complex128"),
+    (np.array([0, "a"] * 15, dtype=object), "got strings"),
+    (np.r_[np.zeros(29), 1e30], "would mean 1000000000000000019884624838657 classes"),  # not wrapped negative
+    (np.r_[np.zeros(29, np.uint64), np.uint64(2**64 - 1)], "label 18446744073709551615 at index 29"),
+    (np.r_[np.zeros(29, int), 10**9], "label 1000000000 .* pass num_classes= explicitly"),
+    (np.r_[np.zeros(29, int), -3], "label -3 at index 29 is negative"),
+    (np.zeros((30, 1), int), r"1-D class indices, got shape \(30, 1\)"),
+])
+@pytest.mark.parametrize("policy", ["density", "deep_knn", "none"])
+def test_bad_labels_are_refused_before_any_work(labels, message, policy):
+    with pytest.raises(SanitizerError, match=message):
+        select(np.random.default_rng(0).normal(size=(30, 4)), labels, policy=policy)
+
+
+def test_integer_valued_float_and_bool_labels_are_class_indices():
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    ints = select(x, np.arange(30) % 2, policy="deep_knn", k=3)
+    np.testing.assert_array_equal(select(x, (np.arange(30) % 2).astype(float), policy="deep_knn", k=3).keep, ints.keep)
+    np.testing.assert_array_equal(select(x, np.arange(30) % 2 == 1, policy="deep_knn", k=3).keep, ints.keep)
+    assert check_labels(torch.tensor([0.0, 2.0])).dtype == np.int64
+
+
+def test_scalar_labels_and_bad_num_classes():
+    with pytest.raises(SanitizerError, match="got the scalar 3"):
+        check_labels(3)
+    for num_classes, message in [(1.5, "num_classes must be an integer"), (0, "num_classes must be >= 1")]:
+        with pytest.raises(SanitizerError, match=message):
+            select(np.zeros((4, 2)), np.zeros(4, int), num_classes=num_classes)
+
+
+def test_a_huge_label_with_explicit_num_classes_does_not_allocate_per_class_tables():
+    # deep k-NN once sized an [N, max label + 1] count table: label 10**9 asked for 224 GiB
+    y = np.r_[np.arange(29) % 2, 10**9]
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    sel = select(x, y, policy="deep_knn", num_classes=10**9 + 1, k=3)
+    assert sel.keep.shape == (30,) and not sel.keep[-1]  # the lone class-10**9 point has no neighbour of its class
+
+
+@pytest.mark.parametrize("policy, options, message", [
+    ("deep_knn", {"k": 2.5}, "k must be an integer"),
+    ("deep_knn", {"k": "5"}, "k must be an integer"),
+    ("deep_knn", {"budget": 2.5}, "budget must be an integer"),
+    ("deep_knn", {"backend": "gpu"}, "unknown kNN backend 'gpu'"),
+    ("spectral", {"budget": 2.5}, "a count .* or a fraction"),
+    ("spectral", {"budget": float("nan")}, "a count .* or a fraction"),
+    ("spectral", {"budget": "a"}, "a count .* or a fraction"),
+    ("spectral", {"multiplier": float("nan")}, "multiplier must be a finite number"),
+    ("activation_clustering", {"dims": 2.5}, "dims must be an integer"),
+    ("activation_clustering", {"threshold": float("nan")}, r"threshold .* must lie in \(0, 0.5\]"),
+    ("activation_clustering", {"n_init": 0}, "n_init must be >= 1"),
+    ("epic", {"fraction": float("nan")}, r"fraction .* must lie in \(0, 1\]"),
+    ("epic", {"fraction": "a"}, "must be a number"),
+    ("epic-2", {}, r"fraction .* must lie in \(0, 1\]"),
+    ("random", {}, "exactly one of count="),
+    ("random", {"count": 2.5}, "count must be an integer"),
+    ("random", {"count": 100}, "cannot drop 100 of 30"),
+    ("random", {"fraction": float("nan")}, r"fraction must lie in \[0, 1\]"),
+])
+def test_bad_policy_options_get_a_clear_error(policy, options, message):
+    with pytest.raises(SanitizerError, match=message):
+        select(np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % 2, policy=policy, **options)
+
+
+@pytest.mark.parametrize("embeddings, message", [
+    (np.array([["a"] * 4] * 30), "must be numbers, got dtype <U1"),
+    (np.ones((30, 4), bool), "must be numbers, got dtype bool"),
+    (np.full((30, 4), 1e300), "exceed float32's range"),
+    (np.ones(30), r"shape \[N, D\]"),
+    (np.ones((29, 4)), "29 embeddings but 30 labels"),
+])
+def test_bad_embeddings_get_a_clear_error(embeddings, message):
+    with pytest.raises(SanitizerError, match=message):
+        select(embeddings, np.arange(30) % 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sanitizer.errors import check_fraction, check_positive_int
 from sanitizer.policies.base import Policy, register_policy
 
 
@@ -23,13 +24,9 @@ class ActivationClusteringPolicy(Policy):
     embedding_kind = "features"
 
     def __init__(self, dims: int = 10, threshold: float = 0.35, n_init: int = 10) -> None:
-        if dims < 1:
-            raise ValueError(f"dims must be >= 1, got {dims}")
-        if not 0 < threshold <= 0.5:
-            raise ValueError(f"threshold is a relative cluster size in (0, 0.5], got {threshold}")
-        self.dims = dims
-        self.threshold = threshold
-        self.n_init = n_init
+        self.dims = check_positive_int(dims, "dims")
+        self.threshold = check_fraction(threshold, "threshold (a relative cluster size)", high=0.5)
+        self.n_init = check_positive_int(n_init, "n_init")
 
     def select_class(self, x: np.ndarray, label: int, seed: int):
         from sklearn.cluster import KMeans

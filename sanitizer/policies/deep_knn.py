@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.density import knn
-from sanitizer.errors import check_embeddings, check_labels
+from sanitizer.density import BACKENDS, knn
+from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 
@@ -29,12 +29,14 @@ class DeepKnnPolicy(Policy):
     embedding_kind = "features"
 
     def __init__(self, k: int | None = None, budget: int | None = None, backend: str = "auto") -> None:
+        if budget is not None:
+            budget = check_positive_int(budget, "budget")
         if k is None:
             k = 2 * budget if budget is not None else 50
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k}); Peri et al. use about twice the poison budget")
-        self.k = int(k)
+        self.k = check_positive_int(k, "k")  # Peri et al. use about twice the poison budget
         self.budget = budget
+        if backend not in BACKENDS:
+            raise SanitizerError(f"unknown kNN backend {backend!r}; choose one of {BACKENDS}")
         self.backend = backend
 
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
@@ -46,10 +48,17 @@ class DeepKnnPolicy(Policy):
         k = min(self.k, n - 1)
         _, idx = knn(x, k, self.backend)
         neighbour_labels = y[idx]                                   # [n, k]
-        c = int(max(y.max(), neighbour_labels.max())) + 1
-        counts = np.zeros((n, c), dtype=np.int64)
-        np.add.at(counts, (np.repeat(np.arange(n), k), neighbour_labels.ravel()), 1)
-        own = counts[np.arange(n), y]
-        keep = own >= counts.max(1)
+        own = (neighbour_labels == y[:, None]).sum(1)
+        keep = own >= _plurality_count(neighbour_labels)
         scores = 1.0 - own / k
         return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum())})
+
+
+def _plurality_count(labels: np.ndarray) -> np.ndarray:
+    """Per row of ``labels`` [n, k]: how often its most frequent value occurs. O(n·k) memory, whatever
+    the label values (a per-class count table would be n × (largest label + 1))."""
+    s = np.sort(labels, axis=1)
+    pos = np.arange(s.shape[1])
+    starts = np.where(np.diff(s, axis=1, prepend=s[:, :1] - 1) != 0, pos, 0)
+    run = pos - np.maximum.accumulate(starts, axis=1) + 1        # length of the run ending at each position
+    return run.max(axis=1)

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from sanitizer.errors import check_fraction
 from sanitizer.policies.base import Policy, register_policy
 
 
@@ -81,9 +82,7 @@ class EpicPolicy(Policy):
     embedding_kind = "logits"
 
     def __init__(self, fraction: float = 0.1) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError("fraction must be in (0, 1]")
-        self.fraction = fraction
+        self.fraction = check_fraction(fraction, "fraction (EPIC's subset size, e.g. 0.1 or policy='epic-0.1')")
 
     def select_class(self, x: np.ndarray, label: int, seed: int):
         budget = math.ceil(self.fraction * len(x))

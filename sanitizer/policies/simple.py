@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import check_labels
+from sanitizer.errors import SanitizerError, check_fraction, check_labels, check_positive_int
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 
@@ -28,15 +28,15 @@ class RandomPolicy(Policy):
 
     def __init__(self, count: int | None = None, fraction: float | None = None) -> None:
         if (count is None) == (fraction is None):
-            raise ValueError("give exactly one of count= or fraction=")
-        self.count = count
-        self.fraction = fraction
+            raise SanitizerError("the 'random' policy needs exactly one of count= (examples) or fraction= (in [0, 1])")
+        self.count = None if count is None else check_positive_int(count, "count", 0)
+        self.fraction = None if fraction is None else check_fraction(fraction, "fraction", zero_ok=True)
 
     def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
         n = len(check_labels(labels, num_classes))
         m = self.count if self.count is not None else int(round(self.fraction * n))
         if not 0 <= m <= n:
-            raise ValueError(f"cannot drop {m} of {n} examples")
+            raise SanitizerError(f"cannot drop {m} of {n} examples; lower count= or pass fraction=")
         rng = np.random.default_rng(seed)
         keep = np.ones(n, dtype=bool)
         keep[rng.choice(n, m, replace=False)] = False

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from sanitizer.errors import SanitizerError, check_fraction, check_positive_int, check_threshold
 from sanitizer.policies.base import Policy, register_policy
 
 
@@ -26,12 +27,8 @@ class SpectralPolicy(Policy):
     embedding_kind = "features"
 
     def __init__(self, budget: int | float = 0.05, multiplier: float = 1.5) -> None:
-        if not budget > 0:
-            raise ValueError(f"budget must be a positive count or a fraction in (0, 1), got {budget}")
-        if multiplier <= 0:
-            raise ValueError(f"multiplier must be > 0, got {multiplier}")
-        self.budget = budget
-        self.multiplier = multiplier
+        self.budget = _budget(budget)
+        self.multiplier = check_threshold(multiplier, "multiplier")
 
     def drop_count(self, n: int) -> int:
         expected = self.budget * n if self.budget < 1 else self.budget
@@ -44,3 +41,18 @@ class SpectralPolicy(Policy):
         m = self.drop_count(len(x))
         drop = np.argsort(-scores, kind="stable")[:m]
         return drop, scores, {"n": len(x), "dropped": len(drop)}
+
+
+def _budget(value) -> int | float:
+    """A count (an integer >= 1) or a fraction in (0, 1): 2.5 poisons is neither."""
+    try:
+        fraction = check_fraction(value, "budget", high=1.0)
+    except SanitizerError:
+        fraction = None
+    if fraction is not None and fraction < 1:
+        return fraction
+    try:
+        return check_positive_int(value, "budget")
+    except SanitizerError:
+        raise SanitizerError(f"budget is the expected number of poisons per class: a count (an integer >= 1) or a "
+                             f"fraction of the class in (0, 1); got {value!r}") from None
