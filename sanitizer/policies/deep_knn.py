@@ -6,6 +6,8 @@ this policy overrides :meth:`Policy.select` instead of working class by class.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from sanitizer.density import BACKENDS, knn
@@ -19,7 +21,8 @@ class DeepKnnPolicy(Policy):
 
     Peri et al. set ``k`` to about twice the poison budget; ``budget=`` does that for you
     (``k = 2 * budget``). Ties: an example is kept when its label is one of the tied plurality labels.
-    The score is the fraction of neighbours carrying another label.
+    The score is the fraction of neighbours carrying another label. Classes with fewer than
+    ``min_class_size`` (3) examples are kept, with a warning: no neighbour could share their label.
 
     Example:
         >>> policy = DeepKnnPolicy(budget=25)      # k = 50
@@ -43,15 +46,20 @@ class DeepKnnPolicy(Policy):
         y = check_labels(labels, num_classes)
         x = check_embeddings(embeddings, len(y))
         n = len(y)
+        classes, counts = np.unique(y, return_counts=True)
+        tiny = classes[counts < self.min_class_size]
+        if len(tiny):  # no neighbour could vouch for them: kept, as every class-wise policy keeps tiny classes
+            warnings.warn(f"classes {tiny.tolist()} have fewer than {self.min_class_size} examples; the "
+                          f"{self.name!r} policy keeps them all", stacklevel=2)
         if n < 2:
-            return Selection(np.ones(n, dtype=bool), np.zeros(n), {"k": 0})
+            return Selection(np.ones(n, dtype=bool), np.zeros(n), {"k": 0, "skipped_classes": tiny.tolist()})
         k = min(self.k, n - 1)
         _, idx = knn(x, k, self.backend)
         neighbour_labels = y[idx]                                   # [n, k]
         own = (neighbour_labels == y[:, None]).sum(1)
-        keep = own >= _plurality_count(neighbour_labels)
+        keep = (own >= _plurality_count(neighbour_labels)) | np.isin(y, tiny)
         scores = 1.0 - own / k
-        return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum())})
+        return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum()), "skipped_classes": tiny.tolist()})
 
 
 def _plurality_count(labels: np.ndarray) -> np.ndarray:

@@ -56,7 +56,8 @@ def facility_location_medoids(x: np.ndarray, budget: int, block: int = 1024) -> 
         j = int(np.argmax(gains))
         medoids.append(j)
         col = _similarity_block(x, sq, np.array([j]), scale)[:, 0]
-        changed = np.flatnonzero(col > covered)
+        better = col > covered
+        changed = np.flatnonzero(better)
         for start in range(0, len(changed), block):
             rows = changed[start:start + block]
             s_rows = _similarity_block(x, sq, everyone, scale, rows=rows)  # [len(rows), n]
@@ -64,7 +65,8 @@ def facility_location_medoids(x: np.ndarray, budget: int, block: int = 1024) -> 
             new = np.maximum(s_rows - col[rows, None], 0.0).sum(0)
             gains -= old - new
         covered[changed] = col[changed]
-        owner[changed] = step
+        # A point far from every medoid has similarity 0 (exp underflows) to all: it joins the first one.
+        owner[better | (owner < 0)] = step
         gains[medoids] = -np.inf
     return np.asarray(medoids, dtype=np.int64), owner
 
@@ -90,5 +92,7 @@ class EpicPolicy(Policy):
         sizes = np.bincount(owner, minlength=len(medoids))
         singleton = medoids[sizes == 1]
         scores = np.zeros(len(x))
-        scores[medoids] = 1.0 / sizes  # 1 for an isolated medoid, small for a medoid of a large cluster
+        # 1 for an isolated medoid, small for a medoid of a large cluster; 0 for a medoid that joined an earlier
+        # medoid's cluster (a duplicate of it: its own cluster is empty), as for every non-medoid
+        scores[medoids] = np.where(sizes > 0, 1.0 / np.maximum(sizes, 1), 0.0)
         return singleton, scores, {"n": len(x), "medoids": len(medoids), "dropped": len(singleton)}
