@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.sketch import CountSketch, KroneckerSketch
 
 KINDS = ("last_layer", "logits", "features", "params")
@@ -106,8 +106,24 @@ _logits_of = logits_of  # the name other modules import
 
 
 def _call(model: nn.Module, x: Any):
-    """Run the model on a batch: a tensor positionally, a dict of tensors as keyword arguments."""
-    return model(**x) if isinstance(x, Mapping) else model(x)
+    """Run the model on a batch: a tensor positionally, a dict of tensors as keyword arguments.
+
+    A type error of the model on a tensor batch whose dtype is not the model's (uint8 images, float64
+    inputs to a float32 model) becomes a SanitizerError that says which to convert.
+    """
+    if isinstance(x, Mapping):
+        return model(**x)
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        if (params is None or not isinstance(x, torch.Tensor) or x.dtype == params.dtype
+                or "type" not in str(exc).lower()):
+            raise
+        fix = "scale them to floats (e.g. images.float() / 255)" if not x.is_floating_point() else \
+            f"convert them (x.to({params.dtype})) or the model (model.to({x.dtype}))"
+        raise SanitizerError(f"the model's parameters are {params.dtype} but the dataset yields {x.dtype} inputs; "
+                             f"{fix} ({' '.join(str(exc).split())})") from exc
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -190,7 +206,10 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
     current = model_device(model)
     if device is None:
         return current
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SanitizerError(f"device={device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'") from exc
     if device.type != current.type or (device.index is not None and current.index is not None
                                        and device.index != current.index):
         raise SanitizerError(
@@ -228,10 +247,10 @@ def gradient_embeddings(
     if kind not in KINDS:
         raise SanitizerError(f"unknown embedding kind {kind!r}; choose one of {KINDS}")
     n = check_map_dataset(dataset)
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise SanitizerError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if int(max_dim) != max_dim or max_dim < 1:
-        raise SanitizerError(f"max_dim must be a positive integer, got {max_dim!r}")
+    batch_size, max_dim = check_positive_int(batch_size, "batch_size"), check_positive_int(max_dim, "max_dim")
+    seed = check_positive_int(seed, "seed", minimum=-(2**63))
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SanitizerError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
     if indices is not None:
         indices = np.asarray(indices)
         if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):

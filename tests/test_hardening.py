@@ -304,3 +304,27 @@ def test_bad_policy_options_get_a_clear_error(policy, options, message):
 def test_bad_embeddings_get_a_clear_error(embeddings, message):
     with pytest.raises(SanitizerError, match=message):
         select(embeddings, np.arange(30) % 2)
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.rand(6, 1, 8, 8, dtype=torch.float64), "parameters are torch.float32 but the dataset yields torch.float64"),
+    (torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8), r"torch.uint8 inputs; scale them .*/ 255"),
+])
+def test_inputs_of_another_dtype_than_the_model_get_a_clear_error(small, images, message):
+    model, _ = small
+    with pytest.raises(SanitizerError, match=message):
+        gradient_embeddings(model, torch.utils.data.TensorDataset(images, torch.arange(6) % 2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": torch.int64}, "dtype must be a floating torch dtype"),
+    ({"seed": "a"}, "seed must be an integer"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"device": "tpu"}, "device='tpu' is not a torch device"),
+    ({"batch_size": "a"}, "batch_size must be an integer"),
+    ({"kind": "gradients"}, "unknown embedding kind"),
+])
+def test_bad_embedding_arguments_get_a_clear_error(small, kwargs, message):
+    model, data = small
+    with pytest.raises(SanitizerError, match=message):
+        gradient_embeddings(model, data, **kwargs)
