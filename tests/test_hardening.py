@@ -328,3 +328,12 @@ def test_bad_embedding_arguments_get_a_clear_error(small, kwargs, message):
     model, data = small
     with pytest.raises(SanitizerError, match=message):
         gradient_embeddings(model, data, **kwargs)
+
+
+def test_activation_clustering_takes_any_integer_round_seed():
+    # the Sanitizer's round seeds (seed * 1_000_003 + epoch) pass sklearn's 2**32 - 1 for seed >= 4295
+    x, y = np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % 2
+    big = select(x, y, policy="activation_clustering", seed=5000 * 1_000_003 + 7)
+    assert big.keep.shape == (30,)
+    with pytest.raises(SanitizerError, match="seed must be an integer"):
+        select(x, y, policy="activation_clustering", seed="a")

@@ -33,9 +33,10 @@ class ActivationClusteringPolicy(Policy):
         from sklearn.decomposition import PCA
 
         x = x.astype(np.float64)
+        state = check_positive_int(seed, "seed", minimum=-(2**63)) % 2**32  # round seeds exceed sklearn's range
         dims = min(self.dims, x.shape[1], len(x) - 1)
-        reduced = PCA(dims, random_state=seed).fit_transform(x) if dims < x.shape[1] else x - x.mean(0)
-        assign = KMeans(2, n_init=self.n_init, random_state=seed).fit_predict(reduced)
+        reduced = PCA(dims, random_state=state).fit_transform(x) if dims < x.shape[1] else x - x.mean(0)
+        assign = KMeans(2, n_init=self.n_init, random_state=state).fit_predict(reduced)
         sizes = np.bincount(assign, minlength=2) / len(x)
         smaller = int(np.argmin(sizes))
         scores = 1.0 - sizes[assign]
