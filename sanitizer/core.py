@@ -377,7 +377,8 @@ class Sanitizer:
             record["audit"] = audit
         if self.action == "unlearn" and len(dropped_now):
             record["unlearn"] = unlearn(unwrap_model(self.model), self.embed_dataset, dropped_now, self.num_classes,
-                                        batch_size=min(self.batch_size, 128), collate_fn=self.embed_collate,
+                                        retain=np.flatnonzero(self.keep), batch_size=min(self.batch_size, 128),
+                                        collate_fn=self.embed_collate, seed=self._round_seed(epoch),
                                         **self.unlearn_options)
         for hook in self.round_hooks:
             extra = hook(self, epoch, candidates, emb, selection)
