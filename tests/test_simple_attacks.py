@@ -31,8 +31,11 @@ def test_cleanlab_policy_flags_planted_flips():
 def test_cleanlab_policy_small_classes_and_missing_package(monkeypatch):
     x = np.random.default_rng(0).normal(size=(13, 4))
     y = np.array([0] * 6 + [1] * 6 + [2])               # class 2 has one example: kept, left out of the fit
-    sel = make_policy("cleanlab").select(x, y)
+    with pytest.warns(UserWarning, match=r"classes \[2\]"):
+        sel = make_policy("cleanlab").select(x, y)
     assert sel.keep[-1] and sel.info["skipped_classes"] == [2] and sel.info["folds"] == 5
+    with pytest.warns(UserWarning, match="keeps every example"):
+        assert make_policy("cleanlab").select(x[:6], y[:6]).keep.all()   # one class: nothing to compare
     real_import = builtins.__import__
 
     def no_cleanlab(name, *args, **kwargs):

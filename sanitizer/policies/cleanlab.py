@@ -10,6 +10,8 @@ look like their source class); a clean-label attack keeps correct labels and is 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int
@@ -46,7 +48,7 @@ class CleanlabPolicy(Policy):
     ``folds``: cross-validation folds (fewer when the smallest class is smaller); ``c``: the inverse L2
     strength of the logistic regression; ``filter_by``: cleanlab's rule (``"prune_by_noise_rate"``,
     its default, ``"prune_by_class"``, ``"both"``, ``"confident_learning"``, ...). Classes with fewer
-    than two examples are kept untouched and left out of the fit.
+    than two examples are kept untouched and left out of the fit, with a warning.
 
     Example:
         >>> sel = CleanlabPolicy().select(features, labels)  # doctest: +SKIP
@@ -72,8 +74,13 @@ class CleanlabPolicy(Policy):
         classes, counts = np.unique(y, return_counts=True)
         fitted = np.isin(y, classes[counts >= 2])
         info = {"skipped_classes": classes[counts < 2].tolist(), "folds": 0, "flagged": 0}
+        if info["skipped_classes"]:
+            warnings.warn(f"classes {info['skipped_classes']} have fewer than 2 examples; the 'cleanlab' policy "
+                          "keeps them all", stacklevel=2)
         if len(np.unique(y[fitted])) < 2:
             info["reason"] = "fewer than two classes with two or more examples"
+            warnings.warn("the 'cleanlab' policy needs two classes with two or more examples each; it keeps "
+                          "every example", stacklevel=2)
             return Selection(keep, scores, info)
         rows = np.flatnonzero(fitted)
         present, y_fit = np.unique(y[rows], return_inverse=True)
