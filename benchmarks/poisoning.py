@@ -21,6 +21,9 @@ options, ``density:k=50:threshold=2.5``; ``clean`` is a reference victim trained
 first ``density`` defense of the same trial dropped at that round. The one-shot baselines
 (``deep_knn``, ``spectral``, ``activation_clustering``) run once, at the first round epoch, on
 the same model as ours; ``density`` and ``epic`` run every round of the preset's schedule.
+``retrain:OPTIONS`` detects with one ``density`` round at its ``warmup`` and trains a fresh victim
+from scratch without what it dropped; ``jpeg`` and ``friendly_noise`` purify the data;
+``density:action=unlearn`` also unlearns what each round drops.
 """
 
 from __future__ import annotations
@@ -371,6 +374,9 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         tracer = target_tracer(data, adv, trace)
         if spec == "clean":
             row = clean_victim(setting, data, config, seed, tracer)
+        elif name == "retrain":
+            row = retrain_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
+            row.update(seconds=row["seconds"] + prefix_seconds, seconds_prefix=prefix_seconds)
         elif name in PURIFIERS:
             row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
             if row["uses_prefix"]:
@@ -398,6 +404,36 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         done[spec] = row
         if name == "density" and matched is None:
             matched = row["dropped_per_round"]
+
+
+def retrain_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,
+                   on_epoch_end=None) -> dict:
+    """Detect, then train again from scratch (``retrain:two_sided=true:max_fraction=0.2:warmup=3``): a
+    branch of the shared prefix trains up to ``warmup``, where the ``density`` policy (with the
+    spec's options) runs one round; a fresh victim then trains from epoch 0 without what it dropped.
+    This is what a user does with a short audited first run; it costs the detection epochs on top."""
+    preset = setting.preset
+    _, options = parse_defense(spec, preset)
+    policy_options = {k: v for k, v in options.items() if k not in SCHEDULE_KEYS + SANITIZER_KEYS}
+    warmup = int(options.get("warmup", preset.warmup))
+    if warmup < prefix_end:
+        raise SystemExit(f"{spec}: warmup must be >= the preset's warmup {prefix_end} (the shared prefix)")
+    t0 = time.perf_counter()
+    m, opt, sch = branch(*prefix, config)
+    probe = Sanitizer(m, data.train, policy=make_policy("density", **policy_options), seed=seed, warmup=warmup,
+                      every=1, stop_epoch=warmup, embedding=options.get("embedding"))
+    continue_training(m, data.train, config, opt, sch, probe, prefix_end, warmup, desc=f"{spec} (detect)")
+    probe.start_epoch(warmup)  # the detection round, on the weights after epoch warmup - 1
+    detect_seconds = time.perf_counter() - t0
+    victim = setting.new_victim(seed)
+    opt, sch = make_optimizer(victim, config)
+    keeper = Sanitizer(victim, data.train, policy="none", warmup=NEVER, seed=seed)
+    keeper.keep[:] = probe.keep
+    continue_training(victim, data.train, config, opt, sch, keeper, 0, config.epochs, desc=spec,
+                      on_epoch_end=on_epoch_end)
+    return {"defense": spec, "policy_options": policy_options, "schedule": {"detect_epoch": warmup},
+            "embedding": probe.embedding, "model": victim, **detection(probe, data.is_poison),
+            "seconds": time.perf_counter() - t0, "seconds_detect": detect_seconds}
 
 
 def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None) -> dict:

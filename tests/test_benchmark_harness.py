@@ -145,3 +145,15 @@ def test_preset_defense_options_apply_unless_the_spec_overrides_them():
     assert poisoning.parse_defense("density:k=5", preset)[1] == {"k": 5, "embedding": "features"}
     policy, options = poisoning.build_policy("density", preset, None)
     assert policy.k == 40 and "embedding" not in options  # the embedding goes to the Sanitizer
+
+
+def test_retrain_detects_once_then_trains_a_fresh_victim_without_the_dropped(tmp_path):
+    out = tmp_path / "run.jsonl"
+    spec = "retrain:threshold=1.5:max_fraction=0.2:warmup=2"
+    poisoning.run(tiny_preset(), "label_flip", 1, ["none", spec], out, "", tmp_path / "cache")
+    rows = {r["defense"]: r for r in victim_rows(out)}
+    row = rows[spec]
+    assert row["round_epochs"] == [2] and row["dropped"] == row["dropped_per_round"][0]
+    assert row["dropped"] > 0 and row["schedule"] == {"detect_epoch": 2}
+    # the fresh victim trains every epoch from scratch: its trace has one value per epoch
+    assert len(row["target_adv_prob_by_epoch"]) == 3 and row["seconds"] > row["seconds_detect"] > 0
