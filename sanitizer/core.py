@@ -233,6 +233,10 @@ class Sanitizer:
         unlearn_options: dict[str, Any] | None = None,
         to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
     ) -> None:
+        if epochs is None and warmup is None:
+            warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
+                          "every 5 epochs, so a shorter run drops nothing. Pass epochs=<your number of epochs> "
+                          "(first round after 30 % of training) or warmup= and every=.", stacklevel=2)
         warmup, every = default_schedule(warmup, every, epochs)
         warmup, every = check_positive_int(warmup, "warmup", 0), check_positive_int(every, "every")
         if stop_epoch is not None:

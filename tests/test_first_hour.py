@@ -54,10 +54,10 @@ def test_items_the_model_cannot_take_fail_at_construction():
 def test_an_augmented_embed_dataset_warns():
     noisy = data(transform=lambda x: x + 0.01 * torch.randn_like(x))
     with pytest.warns(UserWarning, match="different example each time"):
-        Sanitizer(CompactCNN(1, 2, 4), noisy)
+        Sanitizer(CompactCNN(1, 2, 4), noisy, epochs=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Sanitizer(CompactCNN(1, 2, 4), noisy, embed_dataset=noisy.without_transform())
+        Sanitizer(CompactCNN(1, 2, 4), noisy, embed_dataset=noisy.without_transform(), epochs=10)
 
 
 def test_a_schedule_that_never_runs_a_round_warns_early_and_at_the_last_epoch():
@@ -67,6 +67,16 @@ def test_a_schedule_that_never_runs_a_round_warns_early_and_at_the_last_epoch():
         san.start_epoch(epoch)
     with pytest.warns(UserWarning, match="no sanitization round has run"):
         san.start_epoch(9)
+
+
+def test_a_sanitizer_that_does_not_know_the_run_length_says_so():
+    # A README-only script with a 10-epoch loop and no schedule: it must run a round or say why not.
+    with pytest.warns(UserWarning, match="Pass epochs="):
+        Sanitizer(CompactCNN(1, 2, 4), data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        san = Sanitizer(CompactCNN(1, 2, 4), data(), epochs=10)
+    assert any(san.is_round_epoch(e) for e in range(10))
 
 
 def test_one_log_line_per_round_by_default_and_a_summary_table():
