@@ -18,6 +18,7 @@ from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, ch
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
+from sanitizer.stats import mix_seed
 from sanitizer.unlearn import unlearn
 
 STATE_VERSION = 1
@@ -414,7 +415,7 @@ class Sanitizer:
 
     def _round_seed(self, epoch: int) -> int:
         """The seed a policy gets in the round at ``epoch`` (the same for the own and audited policies)."""
-        return self.seed * 1_000_003 + epoch
+        return mix_seed(self.seed, epoch)
 
     # -- audit --------------------------------------------------------------------------------
     def _name_policies(self, policies: Sequence[str | Policy]) -> dict[str, Policy]:

@@ -7,6 +7,7 @@ table and writes a report (Markdown + JSON + the certificate's HTML report of on
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -159,11 +160,22 @@ def write_outputs(out: Path, rows, summary, cfg: DemoConfig, report_sanitizer) -
     log(f"[demo] wrote {out / 'report.md'} and {out / 'results.json'}")
 
 
+def _positive_trials(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--trials must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--trials must be at least 1 (one poisoned dataset), got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run an attack and the defense end to end on digits",
                                    description=__doc__)
     parser.add_argument("--out", default="sanitizer-demo", help="output folder (default: ./sanitizer-demo)")
-    parser.add_argument("--trials", type=int, default=DemoConfig.trials, help="poisoned datasets (targets)")
+    parser.add_argument("--trials", type=_positive_trials, default=DemoConfig.trials,
+                        help="poisoned datasets (targets), at least 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced run (smoke test)")
     parser.set_defaults(handler=lambda a: run_demo(a.out, DemoConfig(trials=a.trials, seed=a.seed, quick=a.quick))

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampl
 from torch.utils.data.distributed import DistributedSampler
 
 from sanitizer.errors import SanitizerError, check_map_dataset
+from sanitizer.stats import mix_seed
 
 
 class KeepSampler(Sampler[int]):
@@ -51,7 +52,7 @@ class KeepSampler(Sampler[int]):
     def _all_indices(self) -> np.ndarray:
         kept = np.flatnonzero(self.keep_mask())
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             kept = kept[torch.randperm(len(kept), generator=gen).numpy()]
         if self.length is not None:
             if not len(kept):

@@ -29,3 +29,8 @@ def format_rate(successes: int, trials: int) -> str:
     lo, hi = wilson_interval(successes, trials)
     pct = 100 * successes / trials if trials else float("nan")
     return f"{successes}/{trials} = {pct:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%]"
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """One integer seed per (seed, step) pair (a round, an epoch, a partition), the same everywhere."""
+    return int(seed) * 1_000_003 + int(step)

@@ -337,3 +337,20 @@ def test_activation_clustering_takes_any_integer_round_seed():
     assert big.keep.shape == (30,)
     with pytest.raises(SanitizerError, match="seed must be an integer"):
         select(x, y, policy="activation_clustering", seed="a")
+
+
+def test_policy_names_non_integer_labels_and_demo_trials_get_clear_errors():
+    from sanitizer.cli import main
+    from sanitizer.data import ImageTensorDataset
+    from sanitizer.policies import make_policy
+
+    for bad, message in [("epic-abc", "epic-<fraction>"), (3, "a name such as 'density'"),
+                         (None, "a name such as 'density'")]:
+        with pytest.raises(SanitizerError, match=message):
+            make_policy(bad)
+    with pytest.raises(SanitizerError, match="whole class indices"):
+        ImageTensorDataset(torch.zeros(2, 1, 2, 2), torch.tensor([1.7, 0.0]), None)
+    assert ImageTensorDataset(torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 0.0]), None).labels.tolist() == [1, 0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--trials", "0"])
+    assert exit_info.value.code == 2

@@ -27,6 +27,7 @@ from sanitizer.certificate.audit import dataset_fingerprint
 from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.embeddings import iterate_batches
 from sanitizer.progress import progress
+from sanitizer.stats import mix_seed
 from sanitizer.train import TrainConfig, predict_proba, train_classifier
 
 HASH_RULE = "sha256 of each example's float32 bytes (C order, labels excluded), first 8 bytes as an integer, mod k"
@@ -110,7 +111,7 @@ def train_partitions(
     for p in progress(range(k), desc="partitions"):
         members = order[part[order] == p]  # hash order, so the model does not depend on dataset order
         sizes.append(int(len(members)))
-        torch.manual_seed(config.seed * 1_000_003 + p)
+        torch.manual_seed(mix_seed(config.seed, p))
         model = model_factory()
         if len(members) == 0:
             models.append(None)

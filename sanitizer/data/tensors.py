@@ -40,7 +40,11 @@ class ImageTensorDataset(Dataset):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images.float()
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        raw = torch.as_tensor(labels)
+        if raw.is_floating_point() and not torch.equal(raw, raw.round()):
+            raise SanitizerError("labels must be whole class indices; got non-integer values such as "
+                                 f"{raw[raw != raw.round()][0].item()} (round or map them to 0..C-1 first)")
+        self.labels = raw.long()
         self.transform = transform
         self.num_classes = int(num_classes if num_classes is not None else int(self.labels.max()) + 1)
 

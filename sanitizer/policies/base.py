@@ -92,9 +92,16 @@ def make_policy(policy: str | Policy, **options) -> Policy:
         if options:
             raise SanitizerError("options given together with a policy instance; configure the instance instead")
         return policy
+    if not isinstance(policy, str):
+        raise SanitizerError(f"policy must be a name such as 'density' or a Policy instance, got "
+                             f"{type(policy).__name__}; available: {', '.join(available_policies())}")
     name = policy
     if name.startswith("epic-"):  # "epic-0.2" is EPIC with subset fraction 0.2, as in the paper
-        name, options = "epic", {"fraction": float(policy.split("-", 1)[1]), **options}
+        try:
+            fraction = float(policy.split("-", 1)[1])
+        except ValueError:
+            raise SanitizerError(f"unknown policy {policy!r}: write epic-<fraction>, e.g. 'epic-0.1'") from None
+        name, options = "epic", {"fraction": fraction, **options}
     if name not in _REGISTRY:
         raise SanitizerError(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
     try:
