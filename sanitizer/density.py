@@ -3,10 +3,16 @@
 Backends (``backend="auto"`` picks the first that applies):
 
 - ``faiss-gpu``: a faiss GPU index, when faiss was built with CUDA and a GPU is present;
-- ``torch``: blockwise matmul + top-k on the GPU when faiss has no GPU support;
-- ``faiss``: faiss on the CPU: an exact flat index below ``ivf_threshold`` points, IVF above.
+- ``torch``: exact blockwise matmul + top-k (on the GPU when there is one, else on the CPU);
+- ``faiss``: faiss on the CPU: an exact flat index up to ``ivf_threshold`` points, an approximate
+  index above (HNSW by default, ``approximate="ivf"`` for the inverted-file index).
 
-Memory is O(n·k) for the results plus one block of queries; never O(n²).
+``auto`` without a GPU searches exactly with the ``torch`` kernel up to ``ivf_threshold`` points
+(it is faster than faiss's flat index on the CPU: see ``benchmarks/results/scale.md``) and with the
+approximate faiss index above. Memory is O(n·k) for the results plus one block of queries; never O(n²).
+
+:func:`knn_factored` is the exact search for last-layer gradients given as their factors
+``e ⊗ h``: it never forms the ``C·(d+1)`` outer products and costs ``C + d + 1`` per pair.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this keeps 
     faiss = None
 
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+APPROXIMATE = ("hnsw", "ivf")
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -39,18 +46,25 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 30_000,
-        nprobe: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        nprobe: int = 16, seed: int = 0, approximate: str = "hnsw") -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances and indices of the ``k`` nearest *other* points of each row of ``x``.
 
-    Returns ``(dist [n, k], idx [n, k])`` sorted by distance. Requires ``k < n``.
+    Returns ``(dist [n, k], idx [n, k])`` sorted by distance. Requires ``k < n``. Above
+    ``ivf_threshold`` points the CPU faiss path is approximate: ``approximate="hnsw"`` (default;
+    recall@10 ≥ 0.98 on gradient-like data, ``benchmarks/scale.py``) or ``"ivf"`` (``nprobe`` lists).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     if not 0 < k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
-    backend = resolve_backend(backend)
-    if backend == "torch":
-        d2, idx = _knn_torch(x, k + 1)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"unknown approximate index {approximate!r}; choose one of {APPROXIMATE}")
+    requested, backend = backend, resolve_backend(backend)
+    if backend == "torch" or (requested == "auto" and backend == "faiss" and n <= ivf_threshold):
+        d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
+        return np.sqrt(d2.numpy()), idx.numpy()
+    if backend == "faiss" and n > ivf_threshold and approximate == "hnsw":
+        d2, idx = _knn_hnsw(x, k + 1, seed)
     else:
         d2, idx = _knn_faiss(x, k + 1, backend == "faiss-gpu", ivf_threshold, nprobe, seed)
     return _drop_self(d2, idx, k)
@@ -88,18 +102,175 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
     return d2, idx
 
 
-def _knn_torch(x: np.ndarray, k: int, block: int = 4096):
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = torch.from_numpy(x).to(dev)
+# -- approximate search for large classes: HNSW, on a PCA projection when it keeps the variance ----
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 32
+PCA_ENERGY = 0.995  # variance an HNSW graph on a projection must keep; else it is built on x itself
+
+
+def pca_projection(x: np.ndarray, energy: float = PCA_ENERGY, sample: int = 20_000, seed: int = 0,
+                   max_fraction: float = 0.5, multiple: int = 16) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, basis [D, m])`` of the fewest principal directions (a multiple of ``multiple``) that
+    keep ``energy`` of the variance of ``x`` (estimated on ``sample`` rows), or None when that takes
+    more than ``max_fraction`` of the dimensions (then projecting saves too little)."""
+    n, dim = x.shape
+    rows = x[np.random.default_rng(seed).choice(n, min(n, sample), replace=False)].astype(np.float64)
+    mean = rows.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(rows - mean, rowvar=False))
+    values, vectors = values[::-1].clip(0), vectors[:, ::-1]
+    total = values.sum()
+    if total <= 0:
+        return None
+    m = int(np.searchsorted(np.cumsum(values) / total, energy) + 1)
+    m = min(dim, -(-m // multiple) * multiple)
+    if m > max_fraction * dim:
+        return None
+    return mean.astype(np.float32), np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
+
+
+def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
+    """Approximate ``k`` nearest neighbours (self included) from a faiss HNSW graph. The graph is
+    built on a PCA projection when one keeps :data:`PCA_ENERGY` of the variance in at most half the
+    dimensions; then ``2k`` candidates are re-ranked with exact distances in the full space."""
+    n, dim = x.shape
+    projection = pca_projection(x, seed=seed) if dim >= 64 else None
+    if projection is None:
+        space, wanted = x, k
+    else:
+        mean, basis = projection
+        space = np.empty((n, basis.shape[1]), dtype=np.float32)
+        for s in range(0, n, chunk):
+            space[s:s + chunk] = (x[s:s + chunk] - mean) @ basis
+        wanted = min(n, 2 * k)
+    index = faiss.IndexHNSWFlat(space.shape[1], HNSW_M)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(space)
+    index.hnsw.efSearch = max(HNSW_EF_SEARCH, wanted)
+    d2, idx = index.search(space, wanted)
+    del index, space
+    if projection is None:
+        return d2, idx
+    return rerank(x, idx, k)
+
+
+def rerank(x: np.ndarray, candidates: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` candidates of each row nearest to it, with exact squared distances (``-1``: no candidate)."""
+    data = torch.from_numpy(x)
+    cand = torch.from_numpy(candidates)
+    d2 = np.empty((len(x), k), dtype=np.float32)
+    idx = np.empty((len(x), k), dtype=np.int64)
+    for s in range(0, len(x), block):
+        c = cand[s:s + block]
+        diff = data[c.clamp_min(0)] - data[s:s + block, None]
+        dist = torch.einsum("bkd,bkd->bk", diff, diff).masked_fill_(c < 0, float("inf"))
+        val, pos = torch.topk(dist, k, dim=1, largest=False)
+        d2[s:s + block] = val.numpy()
+        idx[s:s + block] = torch.gather(c, 1, pos).numpy()
+    return d2, idx
+
+
+# -- exact blockwise search (explicit rows or Kronecker factors) ------------------------------------
+GROUP = 64  # columns per bucket in the two-stage top-k
+
+
+def _smallest_k(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise ``k`` smallest of ``g`` [b, n] (n a multiple of GROUP, padding = +inf), sorted.
+
+    Two stages: the k buckets of GROUP columns with the smallest minima hold the k smallest entries
+    (a bucket holding one of them has a minimum ≤ the k-th smallest; any other bucket's is ≥ it), so
+    top-k runs on n / GROUP bucket minima and then on k·GROUP candidates: 2–3× faster than one
+    ``torch.topk`` over the row on the CPU, and exact.
+    """
+    b, n = g.shape
+    buckets = n // GROUP
+    if buckets <= 4 * k:
+        return torch.topk(g, k, dim=1, largest=False)
+    mins = g.view(b, buckets, GROUP).amin(2)
+    best = torch.topk(mins, k, dim=1, largest=False).indices
+    cand = (best[:, :, None] * GROUP + torch.arange(GROUP, device=g.device)).reshape(b, k * GROUP)
+    val, pos = torch.topk(torch.gather(g, 1, cand), k, dim=1, largest=False)
+    return val, torch.gather(cand, 1, pos)
+
+
+def _block_rows(n: int, budget: int = 1 << 22) -> int:
+    """Query rows per block: ~``budget`` distance entries (16 MiB of float32) at a time."""
+    return int(min(max(budget // max(n, 1), 64), 8192))
+
+
+def _blocked_search(partial, sq: torch.Tensor, n: int, k: int, block: int | None,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact kNN (self excluded) from ``partial(start, stop)`` = ``|x_j|² − 2 x_i·x_j`` for the query rows
+    ``start:stop`` against every (padded) column. Returns squared distances and indices on the CPU."""
+    block = block or _block_rows(n)
+    d2 = torch.empty(n, k, dtype=torch.float32)
+    idx = torch.empty(n, k, dtype=torch.int64)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        g = partial(start, stop)
+        rows = torch.arange(stop - start, device=device)
+        g[rows, rows + start] = float("inf")  # not one's own neighbour
+        val, ind = _smallest_k(g, k)
+        d2[start:stop] = (val + sq[start:stop, None]).clamp_min_(0).cpu()
+        idx[start:stop] = ind.cpu()
+    return d2, idx
+
+
+def _padded(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
+    return torch.cat([t, t.new_full((rows,) + tuple(t.shape[1:]), value)]) if rows else t
+
+
+def exact_knn_blocked(x: torch.Tensor, k: int, block: int | None = None,
+                      device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact squared distances and indices ``[n, k]`` of the ``k`` nearest other rows of ``x``, by
+    blocks of matmul + two-stage top-k (memory O(n·k) plus one block). On the GPU when there is one."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = x.to(dev, torch.float32)
+    n = len(data)
+    pad = -n % GROUP
     sq = (data * data).sum(1)
-    dists, idxs = [], []
-    for start in range(0, len(data), block):
-        q = data[start:start + block]
-        d2 = sq[start:start + block, None] - 2 * q @ data.T + sq[None]
-        val, ind = torch.topk(d2, k, dim=1, largest=False)
-        dists.append(val.clamp_min_(0).cpu())
-        idxs.append(ind.cpu())
-    return torch.cat(dists).numpy(), torch.cat(idxs).numpy()
+    cols = _padded(data, pad)
+    sq_cols = _padded(sq, pad, float("inf"))[None]  # padding columns are infinitely far
+
+    def partial(start: int, stop: int) -> torch.Tensor:
+        return torch.addmm(sq_cols, data[start:stop], cols.T, alpha=-2)
+
+    return _blocked_search(partial, sq, n, k, block, dev)
+
+
+def knn_factored(e, h, k: int, block: int | None = None,
+                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN of the rows ``e_i ⊗ h_i`` (the last-layer gradient (softmax − onehot) ⊗ [h; 1] of
+    :func:`~sanitizer.embeddings.gradient_embeddings`) without forming them.
+
+    Uses ``‖e_i⊗h_i − e_j⊗h_j‖² = ‖e_i‖²‖h_i‖² + ‖e_j‖²‖h_j‖² − 2 (e_i·e_j)(h_i·h_j)``: C + d + 1 work
+    per pair instead of C·(d+1), exact (no sketch), memory O(n·k) plus one block of queries.
+    ``e``: ``[n, C]``, ``h``: ``[n, d+1]`` (numpy or torch). Returns ``(dist [n, k], idx [n, k])``
+    like :func:`knn` (Euclidean distances, self excluded, sorted). Requires ``k < n``.
+
+    Example:
+        >>> e, h = np.random.rand(100, 10), np.random.rand(100, 33)
+        >>> dist, idx = knn_factored(e, h, k=5)
+        >>> dist.shape, idx.shape
+        ((100, 5), (100, 5))
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    e = torch.as_tensor(e).to(dev, torch.float32)
+    h = torch.as_tensor(h).to(dev, torch.float32)
+    if e.ndim != 2 or h.ndim != 2 or len(e) != len(h):
+        raise ValueError(f"e and h must be [n, C] and [n, d+1] with the same n, got {tuple(e.shape)} and "
+                         f"{tuple(h.shape)}")
+    n = len(e)
+    if not 0 < k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
+    pad = -n % GROUP
+    sq = (e * e).sum(1) * (h * h).sum(1)
+    e_cols, h_cols = _padded(e, pad), _padded(h, pad)
+    sq_cols = _padded(sq, pad, float("inf"))[None]
+
+    def partial(start: int, stop: int) -> torch.Tensor:
+        return torch.addcmul(sq_cols, e[start:stop] @ e_cols.T, h[start:stop] @ h_cols.T, value=-2)
+
+    d2, idx = _blocked_search(partial, sq, n, k, block, dev)
+    return np.sqrt(d2.numpy()), idx.numpy()
 
 
 def deduplicate(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +293,23 @@ def class_isolation(x: np.ndarray, k: int, backend: str = "auto", **knn_options)
     if len(unique) < 2:
         return np.zeros(len(x))
     dist, _ = knn(unique, min(k, len(unique) - 1), backend, **knn_options)
+    return dist.mean(1)[inverse]
+
+
+def class_isolation_factored(e, h, k: int, block: int | None = None,
+                             device: str | torch.device | None = None) -> np.ndarray:
+    """:func:`class_isolation` of the rows ``e_i ⊗ h_i`` of one class, computed exactly from the factors
+    with :func:`knn_factored` (no outer product, no sketch). Rows with the same ``(e, h)`` count once."""
+    e = np.asarray(e.cpu() if isinstance(e, torch.Tensor) else e, dtype=np.float32)
+    h = np.asarray(h.cpu() if isinstance(h, torch.Tensor) else h, dtype=np.float32)
+    unique, inverse = deduplicate(np.concatenate([e, h], 1))
+    if len(unique) < len(e):
+        warnings.warn(f"{len(e) - len(unique)} duplicate embeddings in one class; duplicates count once "
+                      "in the density estimate", stacklevel=2)
+    if len(unique) < 2:
+        return np.zeros(len(e))
+    c = e.shape[1]
+    dist, _ = knn_factored(unique[:, :c], unique[:, c:], min(k, len(unique) - 1), block, device)
     return dist.mean(1)[inverse]
 
 

@@ -9,6 +9,11 @@ shards differ in size by at most one), the shards are all-gathered (padded to a 
 then trimmed) and put back in candidate order, so every rank holds the same ``[N, D]`` embeddings.
 Rank 0's keep decision is then broadcast so the mask is bit-identical on every rank even when a
 policy is not bit-reproducible (e.g. a GPU kNN index).
+
+:func:`select_sharded` (and :func:`sharded_round`, which also embeds) is the class-sharded round for
+per-class policies: classes are spread over the ranks, each rank receives only the rows of its own
+classes (one all-to-all), runs the policy on them, and the per-example keep flags and scores (not the
+embeddings) are all-gathered. No rank ever holds all N × D rows, and the kNN work is split W ways.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sanitizer.errors import SanitizerError
+from sanitizer.errors import SanitizerError, check_labels
+from sanitizer.policies.base import Policy, Selection
 
 
 def is_distributed() -> bool:
@@ -101,3 +107,115 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# -- class-sharded rounds ---------------------------------------------------------------------------
+def class_owners(labels: np.ndarray, world: int) -> dict[int, int]:
+    """The rank that owns each class: greedy longest-processing-time on the kNN cost n_c² (the largest
+    class first, to the least-loaded rank; ties to the lower rank), so the split is the same on every rank."""
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    load = np.zeros(world)
+    owners: dict[int, int] = {}
+    for i in sorted(range(len(classes)), key=lambda i: (-int(counts[i]), int(classes[i]))):
+        r = int(np.argmin(load))
+        owners[int(classes[i])] = r
+        load[r] += float(counts[i]) ** 2
+    return owners
+
+
+def _is_per_class(policy: Policy) -> bool:
+    return type(policy).select is Policy.select
+
+
+def _exchange_rows(rows: torch.Tensor, positions: np.ndarray, dest: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Send row i to rank ``dest[i]`` (one all-to-all); return the rows this rank received and their positions."""
+    w, device = dist.get_world_size(), _comm_device()
+    order = np.argsort(dest, kind="stable")
+    send_counts = np.bincount(dest, minlength=w)
+    width = rows.shape[1] if rows.numel() else -1
+    meta = torch.tensor([*send_counts.tolist(), width], dtype=torch.int64, device=device)
+    metas = [torch.empty_like(meta) for _ in range(w)]
+    dist.all_gather(metas, meta)
+    recv_counts = [int(m[dist.get_rank()]) for m in metas]
+    widths = {int(m[-1]) for m in metas if int(m[-1]) >= 0 and int(m[:-1].sum()) > 0}
+    if len(widths) > 1:
+        raise SanitizerError(f"ranks computed embeddings of different widths {sorted(widths)}; every rank "
+                             "must run the same model and sanitizer configuration")
+    width = widths.pop() if widths else 0
+    dtype = rows.dtype if rows.numel() else torch.float32
+    send = rows[torch.from_numpy(order)].to(device) if len(order) else torch.zeros(0, width, dtype=dtype,
+                                                                                  device=device)
+    recv = torch.empty(sum(recv_counts), width, dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send.reshape(len(order), width), recv_counts, send_counts.tolist())
+    pos_send = torch.from_numpy(np.asarray(positions, dtype=np.int64)[order]).to(device)
+    pos_recv = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
+    dist.all_to_all_single(pos_recv, pos_send, recv_counts, send_counts.tolist())
+    return recv.cpu(), pos_recv.cpu().numpy()
+
+
+def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labels,
+                   num_classes: int | None = None, seed: int = 0) -> Selection:
+    """One round of a per-class policy with its classes sharded over the ranks.
+
+    ``labels`` are the labels of all N candidates (the same on every rank); ``local_rows`` ``[m, D]``
+    are the embeddings this rank computed, of the candidates at ``local_positions`` (indices into
+    ``labels``; the ranks' positions together cover each candidate once). Each class is owned by one
+    rank (:func:`class_owners`); its rows go to that rank in one all-to-all, in candidate order, so
+    the policy sees exactly what one process would see for that class. The per-example keep flags and
+    scores and the per-class info are then all-gathered: every rank returns the same
+    :class:`~sanitizer.policies.base.Selection` over all N candidates, and no rank holds more than its
+    own shard plus its classes' rows. Every rank must call this together (it runs collectives).
+
+    Only for policies that decide class by class (they implement ``select_class`` and keep
+    :meth:`Policy.select`, like ``density``); others raise :class:`SanitizerError`.
+    """
+    if not _is_per_class(policy):
+        raise SanitizerError(f"policy {policy.name or type(policy).__name__!r} does not decide class by class "
+                             "(it overrides select); gather the embeddings on every rank instead "
+                             "(gather_embeddings + broadcast_mask)")
+    labels = check_labels(labels, num_classes)
+    local_positions = np.asarray(local_positions, dtype=np.int64)
+    local_rows = torch.as_tensor(local_rows)
+    if len(local_rows) != len(local_positions):
+        raise SanitizerError(f"{len(local_rows)} local rows but {len(local_positions)} positions")
+    owners = class_owners(labels, dist.get_world_size())
+    dest = np.array([owners[int(c)] for c in labels[local_positions]], dtype=np.int64)
+    rows, positions = _exchange_rows(local_rows, local_positions, dest)
+    order = np.argsort(positions, kind="stable")
+    rows, positions = rows[torch.from_numpy(order)], positions[order]
+    if len(positions):
+        sel = policy.select(rows, labels[positions], num_classes=num_classes, seed=seed)
+        keep, scores, info = sel.keep, sel.scores, sel.info
+    else:
+        keep, scores, info = np.ones(0, dtype=bool), np.zeros(0), {"per_class": {}, "skipped_classes": []}
+    mine = torch.from_numpy(np.stack([positions.astype(np.float64), keep.astype(np.float64), scores], 1)
+                            if len(positions) else np.zeros((0, 3)))
+    full_keep = np.ones(len(labels), dtype=bool)
+    full_scores = np.zeros(len(labels), dtype=np.float64)
+    for part in _all_gather_uneven(mine):
+        at = part[:, 0].numpy().astype(np.int64)
+        full_keep[at] = part[:, 1].numpy() > 0.5
+        full_scores[at] = part[:, 2].numpy()
+    infos: list = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, info)
+    merged = {"per_class": {c: i for part in infos for c, i in part["per_class"].items()},
+              "skipped_classes": sorted(c for part in infos for c in part["skipped_classes"]),
+              "class_owner": owners}
+    merged["per_class"] = dict(sorted(merged["per_class"].items()))
+    return Selection(full_keep, full_scores, merged)
+
+
+def sharded_round(embed: Callable[[np.ndarray], torch.Tensor], candidates: np.ndarray, labels, policy: Policy,
+                  num_classes: int | None = None, seed: int = 0) -> Selection:
+    """Embed this rank's interleaved shard ``candidates[rank::world_size]`` with ``embed(indices)`` and run
+    :func:`select_sharded` on it. ``labels`` are the candidates' labels (``[len(candidates)]``).
+
+    Example (inside a DDP process; every rank calls it)::
+
+        sel = sharded_round(lambda idx: gradient_embeddings(model, data, indices=idx), candidates,
+                            all_labels[candidates], make_policy("density"))
+    """
+    r, w = dist.get_rank(), dist.get_world_size()
+    positions = np.arange(len(candidates))[r::w]
+    local = embed(candidates[positions]) if len(positions) else torch.zeros(0, 0)
+    return select_sharded(policy, local, positions, labels, num_classes, seed)

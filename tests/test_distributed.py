@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from sanitizer import Sanitizer
-from sanitizer.distributed import gather_embeddings
+from sanitizer import Sanitizer, make_policy
+from sanitizer.distributed import class_owners, gather_embeddings, select_sharded, sharded_round
 from sanitizer.embeddings import gradient_embeddings
+from sanitizer.errors import SanitizerError
 
 EPOCHS = 4
 LOCAL_BATCH = 16
@@ -107,3 +109,80 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # differ slightly: DistributedSampler-style padding repeats an example when the kept count is
     # odd, so the trajectories are not bit-identical and borderline clean drops may differ.)
     assert set(planted) <= set(np.flatnonzero(~single["keep"].numpy()).tolist())
+
+
+# -- class-sharded rounds ---------------------------------------------------------------------------
+def sharding_data(seed=0):
+    """Four classes of different sizes (one too small for the policy) with a few isolated points each."""
+    rng = np.random.default_rng(seed)
+    sizes = {0: 240, 1: 150, 2: 90, 3: 2}
+    y = np.concatenate([np.full(n, c) for c, n in sizes.items()])
+    rng.shuffle(y)
+    centers = rng.normal(0, 8, (4, 12))
+    x = centers[y] + rng.normal(0, 1, (len(y), 12))
+    outliers = rng.choice(len(y), 12, replace=False)
+    x[outliers] += rng.choice([-6.0, 6.0], (12, 12))
+    return torch.from_numpy(x.astype(np.float32)), y
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = sharding_data()
+        policy = make_policy("density", two_sided=True, max_fraction=0.2)
+        # This rank's rows: an uneven, non-interleaved split (rank 0 the first 301, rank 1 the rest).
+        positions = np.arange(301) if rank == 0 else np.arange(301, len(y))
+        sel = select_sharded(policy, x[positions], positions, y, num_classes=4, seed=3)
+        # sharded_round embeds its interleaved shard of a candidate subset itself
+        candidates = np.arange(0, len(y), 2)
+        seen = []
+        embed = lambda idx: (seen.append(idx.copy()), x[idx])[1]  # noqa: E731
+        sel2 = sharded_round(embed, candidates, y[candidates], policy, num_classes=4, seed=3)
+        # one class: the second rank owns nothing
+        one = np.flatnonzero(y == 0)
+        sel3 = select_sharded(policy, x[one[rank::world]], np.arange(len(one))[rank::world], y[one])
+        try:
+            select_sharded(make_policy("deep_knn"), x[positions], positions, y)
+            refused = False
+        except SanitizerError:
+            refused = True
+        torch.save({"keep": sel.keep, "scores": sel.scores, "info": sel.info, "keep2": sel2.keep,
+                    "scores2": sel2.scores, "embedded": np.concatenate(seen), "keep3": sel3.keep,
+                    "scores3": sel3.scores, "refused": refused}, os.path.join(out_dir, f"sharded{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_class_owners_balance_the_knn_cost():
+    owners = class_owners(np.repeat([0, 1, 2, 3], [100, 90, 20, 10]), 2)
+    assert owners == {0: 0, 1: 1, 2: 1, 3: 1}  # 100² vs 90² + 20² + 10²
+    assert set(class_owners(np.array([5, 5, 5]), 3).values()) == {0}
+
+
+def test_two_process_class_sharded_round_matches_one_process(tmp_path):
+    mp.spawn(_sharded_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"sharded{r}.pt", weights_only=False) for r in range(WORLD)]
+    x, y = sharding_data()
+    policy = make_policy("density", two_sided=True, max_fraction=0.2)
+    with pytest.warns(UserWarning, match="fewer than"):
+        ref = policy.select(x, y, num_classes=4, seed=3)
+    candidates = np.arange(0, len(y), 2)
+    with pytest.warns(UserWarning, match="fewer than"):
+        ref2 = policy.select(x[candidates], y[candidates], num_classes=4, seed=3)
+    one = np.flatnonzero(y == 0)
+    ref3 = policy.select(x[one], y[one])
+    for r in ranks:
+        # every rank holds the whole decision, equal to one process's, over all N candidates
+        assert np.array_equal(r["keep"], ref.keep) and (~ref.keep).sum() > 0
+        np.testing.assert_allclose(r["scores"], ref.scores, rtol=1e-5, atol=1e-6)
+        assert r["info"]["per_class"] == ref.info["per_class"]
+        assert r["info"]["skipped_classes"] == [3]
+        assert np.array_equal(r["keep2"], ref2.keep)
+        np.testing.assert_allclose(r["scores2"], ref2.scores, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(r["keep3"], ref3.keep)
+        np.testing.assert_allclose(r["scores3"], ref3.scores, rtol=1e-5, atol=1e-6)
+        assert r["refused"]  # deep-knn looks across classes: not shardable by class
+    # the embedding pass was split: each candidate embedded once, by one rank
+    assert sorted(np.concatenate([r["embedded"] for r in ranks]).tolist()) == candidates.tolist()

@@ -1,0 +1,134 @@
+"""Exact blockwise kNN, the factored kNN of last-layer gradients, and the approximate path for large classes."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from sanitizer.density import (
+    GROUP,
+    _smallest_k,
+    class_isolation,
+    class_isolation_factored,
+    exact_knn_blocked,
+    knn,
+    knn_factored,
+    pca_projection,
+)
+
+
+def faiss_exact(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: faiss's flat index, self dropped."""
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    d2, idx = index.search(x, k + 1)
+    keep = idx != np.arange(len(x))[:, None]
+    missing = keep.all(1)  # rows whose self was not returned (ties): drop the farthest instead
+    keep[missing, -1] = False
+    return np.sqrt(np.maximum(d2[keep].reshape(len(x), k), 0)), idx[keep].reshape(len(x), k)
+
+
+def assert_same_neighbours(dist, idx, ref_dist, ref_idx, x, rtol=1e-4, atol=1e-4):
+    """Distances agree to float tolerance and the neighbour sets agree up to ties: every index we
+    return is really at the distance we report, and that distance is within tolerance of the reference."""
+    np.testing.assert_allclose(dist, ref_dist, rtol=rtol, atol=atol)
+    true = np.linalg.norm(x[idx] - x[:, None], axis=2)
+    np.testing.assert_allclose(true, dist, rtol=rtol, atol=atol)
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    differ = (idx != ref_idx).mean()
+    assert differ < 0.01, f"{differ:.2%} of neighbours differ beyond ties"
+
+
+def last_layer_factors(n=700, classes=10, hidden=32, seed=0):
+    """e = softmax(z) − onehot(y) and h1 = [h; 1], as gradient_embeddings computes them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(n, hidden, generator=g) + 0.5)
+    z = h @ torch.randn(hidden, classes, generator=g) * 0.3
+    y = torch.zeros(n, dtype=torch.long)  # one class, as the policy searches within a class
+    e = torch.softmax(z, 1) - torch.nn.functional.one_hot(y, classes).float()
+    h1 = torch.cat([h, torch.ones(n, 1)], 1)
+    return e.numpy(), h1.numpy()
+
+
+def test_smallest_k_two_stage_is_exact_with_ties():
+    torch.manual_seed(0)
+    g = torch.randint(0, 50, (64, 40 * GROUP)).float()  # many ties
+    g[:, -7:] = float("inf")
+    val, idx = _smallest_k(g, 10)
+    ref_val, _ = torch.topk(g, 10, dim=1, largest=False)
+    torch.testing.assert_close(val, ref_val)
+    torch.testing.assert_close(torch.gather(g, 1, idx), val)
+    assert all(len(set(r.tolist())) == 10 for r in idx)
+
+
+@pytest.mark.parametrize("n,dim", [(300, 7), (2000, 64), (130, 256)])
+def test_exact_blocked_matches_faiss(n, dim):
+    x = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
+    d2, idx = exact_knn_blocked(torch.from_numpy(x), 9, block=97)  # blocks that do not divide n
+    assert_same_neighbours(np.sqrt(d2.numpy()), idx.numpy(), *faiss_exact(x, 9), x)
+    dist, idx2 = knn(x, 9)  # auto on the CPU: the same kernel below ivf_threshold
+    assert_same_neighbours(dist, idx2, *faiss_exact(x, 9), x)
+
+
+def test_factored_matches_faiss_on_the_explicit_outer_product():
+    e, h = last_layer_factors()
+    explicit = (e[:, :, None] * h[:, None, :]).reshape(len(e), -1)
+    ref_dist, ref_idx = faiss_exact(explicit, 10)
+    for block in (None, 128, 999):
+        dist, idx = knn_factored(e, h, 10, block=block)
+        assert_same_neighbours(dist, idx, ref_dist, ref_idx, explicit)
+    # torch inputs and float64 inputs give the same answer
+    dist_t, idx_t = knn_factored(torch.from_numpy(e).double(), torch.from_numpy(h), 10)
+    np.testing.assert_allclose(dist_t, ref_dist, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_isolation_equals_explicit_isolation_with_duplicates():
+    e, h = last_layer_factors(n=400, seed=1)
+    e[:5], h[:5] = e[5], h[5]  # six copies of one example count once
+    explicit = (e[:, :, None] * h[:, None, :]).reshape(len(e), -1)
+    with pytest.warns(UserWarning, match="duplicate"):
+        ours = class_isolation_factored(e, h, 7)
+    with pytest.warns(UserWarning, match="duplicate"):
+        ref = class_isolation(explicit, 7, backend="faiss")
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    assert len(set(ours[:6])) == 1
+
+
+def test_factored_checks_its_inputs():
+    e, h = last_layer_factors(n=20)
+    with pytest.raises(ValueError, match="same n"):
+        knn_factored(e, h[:10], 3)
+    with pytest.raises(ValueError, match="k must be"):
+        knn_factored(e, h, 20)
+
+
+def low_rank(n, dim=128, rank=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, rank)) @ rng.normal(size=(rank, dim)) + 0.01 * rng.normal(size=(n, dim))).astype(
+        np.float32)
+
+
+def test_pca_projection_keeps_the_variance_or_declines():
+    mean, basis = pca_projection(low_rank(3000))
+    assert basis.shape == (128, 16) and np.allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+    isotropic = np.random.default_rng(0).normal(size=(3000, 128)).astype(np.float32)
+    assert pca_projection(isotropic) is None
+
+
+@pytest.mark.parametrize("data", ["low_rank", "isotropic"])
+def test_hnsw_path_above_the_threshold_has_high_recall(data):
+    x = low_rank(4000) if data == "low_rank" else np.random.default_rng(1).normal(size=(4000, 16)).astype(np.float32)
+    exact, exact_idx = knn(x, 10, backend="torch")
+    approx, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
+    # Approximate distances are true distances of real neighbours, never below the exact k-NN.
+    true = np.linalg.norm(x[idx] - x[:, None], axis=2)
+    np.testing.assert_allclose(approx, true, rtol=1e-4, atol=1e-4)
+    assert (approx >= exact - 1e-4).all()
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_idx)])
+    assert recall >= 0.95
+    # the old inverted-file index stays available
+    ivf, _ = knn(x, 10, backend="faiss", ivf_threshold=1000, approximate="ivf", nprobe=32)
+    assert (ivf >= exact - 1e-4).all()
