@@ -84,6 +84,7 @@ class AdversarialPoisons(Attack):
 
     threat_model = ThreatModel("indiscriminate", clean_label=True, setting="from-scratch",
                                summary="class-targeted adversarial examples as poisons (Fowl et al. 2021)")
+    loss_description = "Mean cross-entropy towards the shifted class at every PGD step of the last craft."
 
     def __init__(self, eps: float = 8 / 255, steps: int = 100, step_size: float | None = None,
                  fraction: float = 1.0, random_start: bool = False, batch_size: int = 256) -> None:
@@ -97,12 +98,6 @@ class AdversarialPoisons(Attack):
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
         self.fraction, self.random_start = float(fraction), bool(random_start)
         self.batch_size = check_positive_int(batch_size, "batch_size")
-        self._history: list[float] = []
-
-    @property
-    def loss_history(self) -> list[float]:
-        """Mean cross-entropy towards the shifted class at every PGD step of the last craft."""
-        return list(self._history)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class=None, source_class=None, seed: int = 0, **kw) -> PoisonSet:

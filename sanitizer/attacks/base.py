@@ -217,6 +217,9 @@ class Attack(ABC):
     name: str = ""
     threat_model: ThreatModel
     needs_surrogate: bool = True  # False for attacks that never look at a model (label flips, patches)
+    #: What :attr:`loss_history` holds for this attack; "" for attacks that keep none on the instance
+    #: (gradient matching, MetaPoison and Sleeper Agent record theirs in ``PoisonSet.params`` instead).
+    loss_description: str = ""
 
     @abstractmethod
     def craft(self, train_set: ImageTensorDataset, **kwargs) -> PoisonSet:
@@ -224,6 +227,12 @@ class Attack(ABC):
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    @property
+    def loss_history(self) -> list[float]:
+        """The objective at every step of the last craft (see ``loss_description``): a copy of what the
+        attack stored in ``self._history``; empty before the first craft and for attacks that keep none."""
+        return list(getattr(self, "_history", ()))
 
 
 _ATTACKS: dict[str, type[Attack]] = {}

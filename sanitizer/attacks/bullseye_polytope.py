@@ -119,6 +119,7 @@ class BullseyePolytope(Attack):
 
     threat_model = ThreatModel("targeted", clean_label=True, setting="transfer",
                                summary="mean poison feature on the target feature (Aghakhani et al. 2021)")
+    loss_description = "The objective at every iteration of the last craft."
 
     def __init__(self, budget: int | float = 5, eps: float = 8 / 255, iterations: int = 800, lr: float = 0.04,
                  variant: str = "transfer", base_selection: str = "random", dropout_draws: int = 1,
@@ -136,12 +137,6 @@ class BullseyePolytope(Attack):
         self.lr, self.variant, self.base_selection = float(lr), variant, base_selection
         self.dropout_draws = check_positive_int(dropout_draws, "dropout_draws")
         self.blocks = list(blocks) if blocks is not None else None
-        self._history: list[float] = []
-
-    @property
-    def loss_history(self) -> list[float]:
-        """The objective at every iteration of the last craft."""
-        return list(self._history)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class: int | None = None, source_class: int | None = None, seed: int = 0,

@@ -38,6 +38,8 @@ class CleanLabelBackdoor(Attack):
 
     threat_model = ThreatModel("backdoor", clean_label=True, setting="from-scratch",
                                summary="patch on adversarially perturbed target-class images (Turner et al.)")
+    loss_description = ("Minus the surrogate's cross-entropy on the poisons at every PGD step "
+                        "(falls as they get harder).")
 
     def __init__(self, budget: int | float = 0.01, patch_size: int = 3,
                  trigger_kind: str = "checkerboard", location: str = "bottom_right", margin: int = 1,
@@ -48,12 +50,6 @@ class CleanLabelBackdoor(Attack):
         self.eps = check_eps(eps)
         self.steps = check_positive_int(steps, "steps")
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        self._history: list[float] = []
-
-    @property
-    def loss_history(self) -> list[float]:
-        """Minus the surrogate's cross-entropy on the poisons at every PGD step (falls as they get harder)."""
-        return list(self._history)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class: int | None = None, source_class: int | None = None, seed: int = 0,

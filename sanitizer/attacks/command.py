@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sanitizer.attacks._util import parse_key_values
 from sanitizer.attacks.base import available_attacks, default_budget, make_attack, resolve_budget
 from sanitizer.data import (
     ImageTensorDataset,
@@ -111,17 +111,9 @@ def _budget(text: str) -> int | float:
 
 
 def parse_params(items: list[str]) -> dict:
-    """``["steps=250", "flip=false", "mode=x"]`` → ``{"steps": 250, "flip": False, "mode": "x"}``."""
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--param expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        try:
-            params[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            params[key.strip()] = {"true": True, "false": False}.get(text.lower(), text)
-    return params
+    """``--param`` values: ``["steps=250", "flip=false", "mode=x"]`` → ``{"steps": 250, "flip": False,
+    "mode": "x"}`` (see :func:`sanitizer.attacks._util.parse_key_values`, which other commands share)."""
+    return parse_key_values(items, "--param", SystemExit)
 
 
 # Training-set sizes of the bundled data sets, to show what a fractional default budget comes to

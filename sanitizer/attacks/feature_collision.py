@@ -58,6 +58,7 @@ class FeatureCollision(Attack):
 
     threat_model = ThreatModel("targeted", clean_label=True, setting="transfer",
                                summary="poison features collide with the target's (Shafahi et al. 2018)")
+    loss_description = "Mean objective over the poisons at every iteration of the last craft."
 
     def __init__(self, budget: int | float = 1, iterations: int = 1000, lr: float = 0.01, beta0: float = 0.25,
                  beta: float | None = None, watermark: float = 0.0, eps: float | None = None,
@@ -76,12 +77,6 @@ class FeatureCollision(Attack):
         self.lr, self.beta0, self.beta, self.watermark = float(lr), float(beta0), beta, float(watermark)
         self.eps = None if eps is None else check_eps(eps)
         self.base_selection, self.decay = base_selection, float(decay)
-        self._history: list[float] = []
-
-    @property
-    def loss_history(self) -> list[float]:
-        """Mean objective over the poisons at every iteration of the last craft."""
-        return list(self._history)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class: int | None = None, source_class: int | None = None, seed: int = 0,

@@ -59,6 +59,7 @@ class SecureRelease(Attack):
 
     threat_model = ThreatModel("indiscriminate", clean_label=True, setting="from-scratch",
                                summary="gradient alignment with a reverse cross-entropy (Fowl et al. 2021)")
+    loss_description = "Mean alignment loss (1 − cosine) over batches at every step of the last craft."
 
     def __init__(self, eps: float = 8 / 255, steps: int = 240, lr: float | None = None, batch_size: int = 128,
                  fraction: float = 1.0, augment: bool = False, shift: int = 4) -> None:
@@ -74,12 +75,6 @@ class SecureRelease(Attack):
         self.augment, self.shift = bool(augment), int(shift)
         if self.shift < 0:
             raise ValueError(f"shift must be >= 0 pixels, got {shift}")
-        self._history: list[float] = []
-
-    @property
-    def loss_history(self) -> list[float]:
-        """Mean alignment loss (1 − cosine) over batches at every step of the last craft."""
-        return list(self._history)
 
     def craft(self, train_set: ImageTensorDataset, *, surrogate=None, test_set=None, target_index=None,
               adversarial_class=None, source_class=None, seed: int = 0, **kw) -> PoisonSet:
