@@ -47,7 +47,8 @@ from benchmarks.presets import PRESETS, Preset, Setting, VictimData, get_preset,
 from sanitizer.attacks import PoisonSet, make_attack
 from sanitizer.attacks.base import _ATTACKS
 from sanitizer.core import Sanitizer
-from sanitizer.policies import Policy, Selection, make_policy
+from sanitizer.policies import Policy, make_policy
+from sanitizer.policies.simple import RandomPolicy
 from sanitizer.progress import log, progress
 from sanitizer.train import continue_training, make_optimizer, predict_proba
 
@@ -79,24 +80,6 @@ def parse_defense(spec: str, preset: Preset | None = None) -> tuple[str, dict[st
     return name, options
 
 
-class MatchedRandomPolicy(Policy):
-    """Drops, at round r, ``counts[r]`` uniformly random examples (0 once the counts run out)."""
-
-    name = "random"
-
-    def __init__(self, counts: list[int]) -> None:
-        self.counts = list(counts)
-        self.calls = 0
-
-    def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
-        n = len(labels)
-        m = min(self.counts[self.calls], n) if self.calls < len(self.counts) else 0
-        self.calls += 1
-        keep = np.ones(n, dtype=bool)
-        keep[np.random.default_rng(seed).choice(n, m, replace=False)] = False
-        return Selection(keep, (~keep).astype(float), {"dropped": m})
-
-
 def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) -> tuple[Policy, dict]:
     """The policy object for a defense spec, with the preset's defaults for the baselines.
 
@@ -109,7 +92,7 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
         if matched_counts is None:
             raise SystemExit("the random control drops as many as density in the same trial: "
                              "list a density defense before random")
-        return MatchedRandomPolicy(matched_counts), {"matched_counts": matched_counts}
+        return RandomPolicy(counts=matched_counts), {"matched_counts": matched_counts}
     if name == "deep_knn":
         options.setdefault("budget", preset.budget)          # k = 2 × budget
     if name == "spectral":

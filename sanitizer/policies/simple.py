@@ -21,20 +21,39 @@ class NoPolicy(Policy):
 class RandomPolicy(Policy):
     """Drop ``count`` examples (or ``fraction`` of them) uniformly at random, seeded: a control.
 
+    ``counts`` instead gives one count per round: round ``r`` drops ``counts[r]`` examples (at most all
+    of them), and rounds past the end of the list drop none, e.g. as many as another defense dropped in
+    the same rounds (the benchmark's matched random control). The round is the one the Sanitizer
+    announces through :meth:`start_round`; each ``select`` moves on to the next.
+
     Example:
-        >>> RandomPolicy(count=5).select(np.zeros((20, 2)), np.zeros(20, int)).keep.sum()
+        >>> int(RandomPolicy(count=5).select(np.zeros((20, 2)), np.zeros(20, int)).keep.sum())
         15
+        >>> policy = RandomPolicy(counts=[3, 1])
+        >>> [int((~policy.select(np.zeros((20, 2)), np.zeros(20, int)).keep).sum()) for _ in range(3)]
+        [3, 1, 0]
     """
 
-    def __init__(self, count: int | None = None, fraction: float | None = None) -> None:
-        if (count is None) == (fraction is None):
-            raise SanitizerError("the 'random' policy needs exactly one of count= (examples) or fraction= (in [0, 1])")
+    def __init__(self, count: int | None = None, fraction: float | None = None,
+                 counts: list[int] | None = None) -> None:
+        if sum(option is not None for option in (count, fraction, counts)) != 1:
+            raise SanitizerError("the 'random' policy needs exactly one of count= (examples), fraction= "
+                                 "(in [0, 1]) or counts= (examples per round)")
         self.count = None if count is None else check_positive_int(count, "count", 0)
         self.fraction = None if fraction is None else check_fraction(fraction, "fraction", zero_ok=True)
+        self.counts = None if counts is None else [check_positive_int(c, "counts[]", 0) for c in counts]
+        self._round = 0
+
+    def start_round(self, index: int) -> None:
+        self._round = int(index)
 
     def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
         n = len(check_labels(labels, num_classes))
-        m = self.count if self.count is not None else int(round(self.fraction * n))
+        if self.counts is not None:
+            m = min(self.counts[self._round], n) if self._round < len(self.counts) else 0
+        else:
+            m = self.count if self.count is not None else int(round(self.fraction * n))
+        self._round += 1
         if not 0 <= m <= n:
             raise SanitizerError(f"cannot drop {m} of {n} examples; lower count= or pass fraction=")
         rng = np.random.default_rng(seed)
