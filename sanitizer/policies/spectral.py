@@ -36,11 +36,42 @@ class SpectralPolicy(Policy):
 
     def select_class(self, x: np.ndarray, label: int, seed: int):
         centred = x.astype(np.float64) - x.mean(0, keepdims=True)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        scores = (centred @ vt[0]) ** 2
+        scores = (centred @ top_direction(centred)) ** 2
         m = self.drop_count(len(x))
         drop = np.argsort(-scores, kind="stable")[:m]
         return drop, scores, {"n": len(x), "dropped": len(drop)}
+
+
+def top_direction(centred: np.ndarray, method: str = "svd", iterations: int = 100, seed: int = 0,
+                  tol: float = 1e-9) -> np.ndarray | None:
+    """The top principal direction of mean-centred rows: their top right singular vector (unit length,
+    sign as the method leaves it). One routine for every policy that needs it (spectral signatures,
+    the density policy's ``principal_deviation``).
+
+    ``method="svd"``: exact, from a thin SVD (O(n·D·min(n, D))); always returns a vector (an arbitrary
+    one when every row is zero). ``method="power"``: power iteration on ``cᵀc`` from a random start
+    drawn with ``seed``, stopping once the direction moves by less than ``tol`` or after
+    ``iterations`` steps: O(iterations · n · D), no D × D or n × n matrix formed; returns None when the
+    rows are all zero (all points identical: no direction to speak of).
+    """
+    c = np.asarray(centred, dtype=np.float64)
+    if method == "svd":
+        return np.linalg.svd(c, full_matrices=False)[2][0]
+    if method != "power":
+        raise SanitizerError(f"method must be 'svd' or 'power', got {method!r}")
+    v = np.random.default_rng(seed).standard_normal(c.shape[1])
+    v /= np.linalg.norm(v)
+    for _ in range(iterations):
+        w = c.T @ (c @ v)
+        norm = np.linalg.norm(w)
+        if norm <= 1e-12:
+            return None
+        w /= norm
+        moved = np.linalg.norm(w - v)
+        v = w
+        if moved < tol:
+            break
+    return v
 
 
 def _budget(value) -> int | float:
