@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -76,6 +77,46 @@ class KeepSampler(Sampler[int]):
         if self.drop_last:
             return n // self.num_replicas
         return -(-n // self.num_replicas)
+
+
+class SamplerRegistry:
+    """The samplers a Sanitizer hands out, held weakly so that a dropped loader's sampler is freed
+    (``wrap()`` in every epoch no longer grows the sanitizer). ``set_epoch`` reaches every live
+    sampler; ``reseed`` only those registered with ``follows_seed=True`` (made without an explicit
+    seed, so they follow the sanitizer's).
+
+    Example:
+        >>> registry = SamplerRegistry()
+        >>> s = registry.add(KeepSampler(lambda: np.ones(3, bool)), follows_seed=True)
+        >>> registry.set_epoch(4); registry.reseed(7); (s.epoch, s.seed, len(registry))
+        (4, 7, 1)
+        >>> del s; len(registry)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._all: weakref.WeakSet[KeepSampler] = weakref.WeakSet()
+        self._seeded: weakref.WeakSet[KeepSampler] = weakref.WeakSet()
+
+    def add(self, sampler: KeepSampler, follows_seed: bool = False) -> KeepSampler:
+        self._all.add(sampler)
+        if follows_seed:
+            self._seeded.add(sampler)
+        return sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in list(self._all):
+            sampler.set_epoch(epoch)
+
+    def reseed(self, seed: int) -> None:
+        for sampler in list(self._seeded):
+            sampler.seed = seed
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[KeepSampler]:
+        return iter(list(self._all))
 
 
 _COPIED = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
