@@ -5,6 +5,8 @@
     python -m benchmarks.density_speed --scaling --sizes 1000000   # one size only
 
 Each size runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own.
+benchmarks/scale.py measures the 1M layouts (10 x 100k, 1,000 x 1k) with recall, the factored kNN of
+last-layer gradients, and a side-by-side faiss-flat vs auto round (benchmarks/results/scale.md).
 """
 
 from __future__ import annotations

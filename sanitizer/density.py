@@ -103,7 +103,7 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
 
 
 # -- approximate search for large classes: HNSW, on a PCA projection when it keeps the variance ----
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 32
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 12, 32, 24
 PCA_ENERGY = 0.995  # variance an HNSW graph on a projection must keep; else it is built on x itself
 
 
@@ -113,10 +113,11 @@ def pca_projection(x: np.ndarray, energy: float = PCA_ENERGY, sample: int = 20_0
     keep ``energy`` of the variance of ``x`` (estimated on ``sample`` rows), or None when that takes
     more than ``max_fraction`` of the dimensions (then projecting saves too little)."""
     n, dim = x.shape
-    rows = x[np.random.default_rng(seed).choice(n, min(n, sample), replace=False)].astype(np.float64)
+    rows = torch.from_numpy(x[np.random.default_rng(seed).choice(n, min(n, sample), replace=False)]).double()
     mean = rows.mean(0)
-    values, vectors = np.linalg.eigh(np.cov(rows - mean, rowvar=False))
-    values, vectors = values[::-1].clip(0), vectors[:, ::-1]
+    centred = rows - mean
+    values, vectors = torch.linalg.eigh(centred.T @ centred / max(len(rows) - 1, 1))
+    values, vectors = values.flip(0).clamp_min(0).numpy(), vectors.flip(1).numpy()
     total = values.sum()
     if total <= 0:
         return None
@@ -124,13 +125,13 @@ def pca_projection(x: np.ndarray, energy: float = PCA_ENERGY, sample: int = 20_0
     m = min(dim, -(-m // multiple) * multiple)
     if m > max_fraction * dim:
         return None
-    return mean.astype(np.float32), np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
+    return mean.numpy().astype(np.float32), np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
 
 
 def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     """Approximate ``k`` nearest neighbours (self included) from a faiss HNSW graph. The graph is
     built on a PCA projection when one keeps :data:`PCA_ENERGY` of the variance in at most half the
-    dimensions; then ``2k`` candidates are re-ranked with exact distances in the full space."""
+    dimensions; then ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the full space."""
     n, dim = x.shape
     projection = pca_projection(x, seed=seed) if dim >= 64 else None
     if projection is None:
@@ -140,7 +141,7 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
         space = np.empty((n, basis.shape[1]), dtype=np.float32)
         for s in range(0, n, chunk):
             space[s:s + chunk] = (x[s:s + chunk] - mean) @ basis
-        wanted = min(n, 2 * k)
+        wanted = min(n, k + max(5, k // 2))
     index = faiss.IndexHNSWFlat(space.shape[1], HNSW_M)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(space)
@@ -155,13 +156,15 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
 def rerank(x: np.ndarray, candidates: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` candidates of each row nearest to it, with exact squared distances (``-1``: no candidate)."""
     data = torch.from_numpy(x)
+    sq = (data * data).sum(1)
     cand = torch.from_numpy(candidates)
     d2 = np.empty((len(x), k), dtype=np.float32)
     idx = np.empty((len(x), k), dtype=np.int64)
     for s in range(0, len(x), block):
         c = cand[s:s + block]
-        diff = data[c.clamp_min(0)] - data[s:s + block, None]
-        dist = torch.einsum("bkd,bkd->bk", diff, diff).masked_fill_(c < 0, float("inf"))
+        safe = c.clamp_min(0)
+        dot = torch.bmm(data[safe], data[s:s + block, :, None])[:, :, 0]
+        dist = (sq[safe] - 2 * dot + sq[s:s + block, None]).clamp_min_(0).masked_fill_(c < 0, float("inf"))
         val, pos = torch.topk(dist, k, dim=1, largest=False)
         d2[s:s + block] = val.numpy()
         idx[s:s + block] = torch.gather(c, 1, pos).numpy()
