@@ -21,6 +21,7 @@ from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.embeddings import model_device
 from sanitizer.errors import SanitizerError
 from sanitizer.progress import progress
+from sanitizer.sampler import KeepSampler
 
 
 @dataclass
@@ -95,6 +96,17 @@ def onecycle_factor(epoch: int, epochs: int, peak: float = 0.15) -> float:
     return t / peak if t < peak else max(0.0, (1 - t) / (1 - peak))
 
 
+def epoch_sampler(train_set, seed: int, sanitizer=None) -> KeepSampler:
+    """The shuffling sampler of :func:`continue_training`: the sanitizer's sampler over its kept
+    examples, or without one a :class:`~sanitizer.sampler.KeepSampler` over every index. Both shuffle
+    epoch ``e`` with ``(seed, e)`` the same way, so a run without a sanitizer visits the examples in
+    the order a run with a ``policy="none"`` sanitizer (which keeps everything) does."""
+    if sanitizer is not None:
+        return sanitizer.sampler(shuffle=True, seed=seed)
+    everything = np.ones(len(train_set), dtype=bool)
+    return KeepSampler(lambda: everything, shuffle=True, seed=seed)
+
+
 def continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch, end_epoch,
                       on_epoch_end=None, desc="train", device=None, on_batch=None,
                       batch_transform=None) -> TrainResult:
@@ -107,16 +119,15 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
     device = device or model_device(model)
     gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult(0.0)
-    sampler = sanitizer.sampler(shuffle=True, seed=config.seed) if sanitizer is not None else None
+    sampler = epoch_sampler(train_set, config.seed, sanitizer)
     t_start = time.perf_counter()
     bar = progress(range(start_epoch, end_epoch), desc=desc)
     for epoch in bar:
         t0 = time.perf_counter()
         if sanitizer is not None:
-            sanitizer.start_epoch(epoch)
-            order = torch.as_tensor(list(sampler), dtype=torch.long)
-        else:
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+            sanitizer.start_epoch(epoch)  # runs a round when one is due, then moves its samplers to `epoch`
+        sampler.set_epoch(epoch)
+        order = torch.as_tensor(list(sampler), dtype=torch.long)
         gen.manual_seed(config.seed * 104_729 + epoch)
         model.train()
         losses = []
