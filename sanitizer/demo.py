@@ -3,6 +3,10 @@
 It trains a surrogate, crafts gradient-matching (Witches' Brew) poisons against a few targets,
 trains one victim per defense from scratch on each poisoned set (undefended, ours, EPIC), prints a
 table and writes a report (Markdown + JSON + the certificate's HTML report of one sanitized run).
+
+It runs torch on one CPU thread (and puts the previous thread count back when it ends): sums in
+float arithmetic come out differently with different thread counts, and so would the tables; on one
+thread every machine prints the same table for the same --seed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sanitizer.attacks import make_attack
 from sanitizer.attacks.gradient_matching import (
@@ -55,7 +60,18 @@ def train_victim(train_set, defense: str, settings: dict, cfg: DemoConfig, seed:
 
 
 def run_demo(out_dir: str | Path = "sanitizer-demo", cfg: DemoConfig | None = None) -> dict:
-    """Run the demo; returns the results (also written to ``out_dir``)."""
+    """Run the demo; returns the results (also written to ``out_dir``). Torch runs on one thread
+    meanwhile (``torch.set_num_threads(1)``, the previous count restored after), so the tables do not
+    depend on the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out_dir, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out_dir: str | Path, cfg: DemoConfig | None) -> dict:
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +187,8 @@ def _positive_trials(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run an attack and the defense end to end on digits",
+    parser = subparsers.add_parser("demo", help="run an attack and the defense end to end on digits "
+                                   "(on one torch thread, so the table is the same on every machine)",
                                    description=__doc__)
     parser.add_argument("--out", default="sanitizer-demo", help="output folder (default: ./sanitizer-demo)")
     parser.add_argument("--trials", type=_positive_trials, default=DemoConfig.trials,

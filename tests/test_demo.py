@@ -26,3 +26,19 @@ def test_cli_lists_demo(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     assert "--trials" in capsys.readouterr().out
+
+
+def test_demo_runs_on_one_torch_thread_and_restores_the_count(monkeypatch, tmp_path):
+    import torch
+
+    import sanitizer.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda out, cfg: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert demo.run_demo(tmp_path) == {} and seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
