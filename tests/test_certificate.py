@@ -305,9 +305,8 @@ def test_wilson_interval_reference_values():
 
 
 def test_measured_robustness_with_a_bundled_attack(run):
-    names = [a for a in ("label_flip", "badnets") if a in available_attacks()]
-    if not names:
-        pytest.skip("no cheap bundled attack (label_flip, badnets) is registered")
+    names = ["label_flip", "badnets"]
+    assert set(names) <= set(available_attacks()), "the bundled label_flip and badnets attacks must be registered"
     section = measure_robustness(factory, run["train"], run["test"], TrainConfig(epochs=3, batch_size=32, lr=0.05),
                                  attacks=[(n, {"budget": 10}, {}) for n in names], runs=1, proxy_per_class=20,
                                  sanitizer_options=SAN_OPTIONS)
@@ -362,8 +361,7 @@ def test_header_hash_covers_configuration(run):
 
 
 def test_certify_and_verify_commands_on_a_poisoned_subset(tmp_path, capsys):
-    if "label_flip" not in available_attacks():
-        pytest.skip("label_flip is not registered")
+    assert "label_flip" in available_attacks(), "the bundled label_flip attack must be registered"
     train, _ = load_digits_split()
     poison_file = tmp_path / "poisons.npz"
     make_attack("label_flip", budget=60).craft(train, seed=1).save(poison_file)
