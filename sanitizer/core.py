@@ -17,7 +17,7 @@ from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
-from sanitizer.sampler import KeepSampler, loader_settings, sampler_layout
+from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
 from sanitizer.stats import mix_seed
 from sanitizer.unlearn import unlearn
 
@@ -287,8 +287,8 @@ class Sanitizer:
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
         self.epochs = epochs
-        self._samplers: list[KeepSampler] = []
-        self._seeded_samplers: list[KeepSampler] = []  # those shuffled with self.seed
+        # held weakly: a loader dropped by the user frees its sampler (wrap() every epoch does not grow this)
+        self._samplers = SamplerRegistry()
         if check:
             self._check_model_and_data()
 
@@ -346,8 +346,7 @@ class Sanitizer:
             warnings.warn(f"the last epoch ({epoch}) has started and no sanitization round has run "
                           f"(warmup={self.warmup}, every={self.every}); nothing was dropped", stacklevel=2)
         self.epoch = epoch
-        for sampler in self._samplers:
-            sampler.set_epoch(epoch)
+        self._samplers.set_epoch(epoch)
         return record
 
     # -- one round ------------------------------------------------------------------------------
@@ -550,10 +549,8 @@ class Sanitizer:
         s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last,
                         length)
         s.set_epoch(max(self.epoch, 0))
-        self._samplers.append(s)
-        if seed is None:  # follows the sanitizer's seed, also when load_state_dict adopts another one
-            self._seeded_samplers.append(s)
-        return s
+        # without its own seed it follows the sanitizer's, also when load_state_dict adopts another one
+        return self._samplers.add(s, follows_seed=seed is None)
 
     def wrap(self, loader: DataLoader) -> DataLoader:
         """A DataLoader like ``loader`` (same dataset, batch size, workers, collate, ...) over kept indices."""
@@ -602,8 +599,7 @@ class Sanitizer:
             epoch, label = key.split(":", 1)
             self.audit_scores[(int(epoch), label)] = np.asarray(value.cpu() if isinstance(value, torch.Tensor)
                                                                 else value, dtype=np.float32)
-        for sampler in self._samplers:
-            sampler.set_epoch(max(self.epoch, 0))
+        self._samplers.set_epoch(max(self.epoch, 0))
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         """Refuse a state that is not a sanitizer state, or one saved by an incompatible Sanitizer."""
@@ -637,5 +633,4 @@ class Sanitizer:
                       f"seed={self.seed}; adopting seed={seed} so the run continues as it would have. Build the "
                       f"Sanitizer with seed={seed} to silence this", stacklevel=3)
         self.seed = seed
-        for sampler in self._seeded_samplers:
-            sampler.seed = seed
+        self._samplers.reseed(seed)

@@ -112,6 +112,14 @@ class SamplerRegistry:
         for sampler in list(self._seeded):
             sampler.seed = seed
 
+    def __getstate__(self) -> dict:
+        # WeakSets do not pickle (Lightning's ddp_spawn pickles the callback and its sanitizer): pickle the
+        # live samplers themselves; the unpickled loaders that share them keep them alive in the child.
+        return {"all": list(self._all), "seeded": list(self._seeded)}
+
+    def __setstate__(self, state: dict) -> None:
+        self._all, self._seeded = weakref.WeakSet(state["all"]), weakref.WeakSet(state["seeded"])
+
     def __len__(self) -> int:
         return len(self._all)
 

@@ -255,3 +255,19 @@ def test_a_round_that_drops_the_last_examples_of_a_class_warns():
     with pytest.warns(UserWarning, match=r"every remaining example of class\(es\) \[1\]"):
         san.start_epoch(0)
     assert len(san.dropped) == 120
+
+
+def test_wrapping_every_epoch_does_not_grow_the_sanitizer():
+    import gc
+
+    from tests.planted import planted_dataset as blobs
+    from tests.planted import tiny_mlp
+
+    data, _ = blobs(per_class=20, planted_per_class=0)
+    san = Sanitizer(tiny_mlp(), data, warmup=0, every=1, verbose=False)
+    for epoch in range(20):
+        loader = san.wrap(DataLoader(data, batch_size=8, shuffle=True))
+        san.start_epoch(epoch)
+        assert loader.sampler.epoch == epoch  # the live loader still follows the epochs
+    gc.collect()
+    assert len(san._samplers) == 1  # only the last loader's sampler is alive
