@@ -340,18 +340,11 @@ def principal_deviation(x: np.ndarray, iterations: int = 100, seed: int = 0, tol
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 3:
         return np.zeros(len(x))
+    from sanitizer.policies.spectral import top_direction  # here: a top-level import would be circular
+
     c = x - x.mean(0)
-    v = np.random.default_rng(seed).standard_normal(x.shape[1])
-    v /= np.linalg.norm(v)
-    for _ in range(iterations):
-        w = c.T @ (c @ v)
-        norm = np.linalg.norm(w)
-        if norm <= 1e-12:  # all rows identical: no direction to speak of
-            return np.zeros(len(x))
-        w /= norm
-        moved = np.linalg.norm(w - v)
-        v = w
-        if moved < tol:
-            break
+    v = top_direction(c, "power", iterations, seed, tol)
+    if v is None:  # all rows identical: no direction to speak of
+        return np.zeros(len(x))
     proj = c @ v
     return np.abs(proj - np.median(proj))

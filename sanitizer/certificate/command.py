@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -123,16 +122,9 @@ def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None
 
 
 def _policy_options(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SanitizerError(f"--policy-option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from sanitizer.attacks._util import parse_key_values  # the one KEY=VALUE grammar (attack --param too)
+
+    return parse_key_values(pairs, "--policy-option")
 
 
 def _error(command: str, exc: Exception) -> int:
