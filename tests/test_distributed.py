@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -147,12 +148,19 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
             refused = False
         except SanitizerError:
             refused = True
-        torch.save({"keep": sel.keep, "scores": sel.scores, "info": sel.info, "keep2": sel2.keep,
-                    "scores2": sel2.scores, "embedded": np.concatenate(seen), "keep3": sel3.keep,
-                    "scores3": sel3.scores, "refused": refused}, os.path.join(out_dir, f"sharded{rank}.pt"))
+        arrays = {"keep": sel.keep, "scores": sel.scores, "keep2": sel2.keep, "scores2": sel2.scores,
+                  "embedded": np.concatenate(seen), "keep3": sel3.keep, "scores3": sel3.scores}
+        # tensors and plain types only, so the parent reads them back with weights_only=True
+        torch.save({**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, "info": _plain(sel.info),
+                    "refused": refused}, os.path.join(out_dir, f"sharded{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _plain(info: dict) -> str:
+    """A policy's info as JSON text (numpy scalars as numbers), comparable across processes."""
+    return json.dumps(info, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
 
 def test_class_owners_balance_the_knn_cost():
@@ -163,7 +171,7 @@ def test_class_owners_balance_the_knn_cost():
 
 def test_two_process_class_sharded_round_matches_one_process(tmp_path):
     mp.spawn(_sharded_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"sharded{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"sharded{r}.pt", weights_only=True) for r in range(WORLD)]
     x, y = sharding_data()
     policy = make_policy("density", two_sided=True, max_fraction=0.2)
     with pytest.warns(UserWarning, match="fewer than"):
@@ -177,8 +185,9 @@ def test_two_process_class_sharded_round_matches_one_process(tmp_path):
         # every rank holds the whole decision, equal to one process's, over all N candidates
         assert np.array_equal(r["keep"], ref.keep) and (~ref.keep).sum() > 0
         np.testing.assert_allclose(r["scores"], ref.scores, rtol=1e-5, atol=1e-6)
-        assert r["info"]["per_class"] == ref.info["per_class"]
-        assert r["info"]["skipped_classes"] == [3]
+        info = json.loads(r["info"])
+        assert info["per_class"] == json.loads(_plain(ref.info))["per_class"]
+        assert info["skipped_classes"] == [3]
         assert np.array_equal(r["keep2"], ref2.keep)
         np.testing.assert_allclose(r["scores2"], ref2.scores, rtol=1e-5, atol=1e-6)
         assert np.array_equal(r["keep3"], ref3.keep)
