@@ -408,27 +408,29 @@ def retrain_victim(spec: str, setting: Setting, data: VictimData, config, seed: 
     continue_training(m, data.train, config, opt, sch, probe, prefix_end, warmup, desc=f"{spec} (detect)")
     probe.start_epoch(warmup)  # the detection round, on the weights after epoch warmup - 1
     detect_seconds = time.perf_counter() - t0
-    victim = setting.new_victim(seed)
-    opt, sch = make_optimizer(victim, config)
-    keeper = Sanitizer(victim, data.train, policy="none", warmup=NEVER, seed=seed)
-    keeper.keep[:] = probe.keep
-    continue_training(victim, data.train, config, opt, sch, keeper, 0, config.epochs, desc=spec,
-                      on_epoch_end=on_epoch_end)
+    victim, _ = train_fresh(setting, data, config, seed, probe.keep, spec, on_epoch_end)
     return {"defense": spec, "policy_options": policy_options, "schedule": {"detect_epoch": warmup},
             "embedding": probe.embedding, "model": victim, **detection(probe, data.is_poison),
             "seconds": time.perf_counter() - t0, "seconds_detect": detect_seconds}
 
 
+def train_fresh(setting: Setting, data: VictimData, config, seed: int, keep: np.ndarray, desc: str,
+                on_epoch_end=None):
+    """A new victim trained from epoch 0 on the examples ``keep`` marks; returns it and its keeper."""
+    model = setting.new_victim(seed)
+    optimizer, scheduler = make_optimizer(model, config)
+    keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
+    keeper.keep[:] = keep
+    continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, config.epochs, desc=desc,
+                      on_epoch_end=on_epoch_end)
+    return model, keeper
+
+
 def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None) -> dict:
     """Reference, not a defense: the same victim trained without the poisons (an oracle filter at
     epoch 0). Its hits are targets the clean model already sends to the adversarial class."""
-    m = setting.new_victim(seed)
-    opt, sch = make_optimizer(m, config)
-    oracle = Sanitizer(m, data.train, policy="none", warmup=NEVER, seed=seed)
-    oracle.keep[data.is_poison] = False
     t1 = time.perf_counter()
-    continue_training(m, data.train, config, opt, sch, oracle, 0, config.epochs, desc="clean",
-                      on_epoch_end=on_epoch_end)
+    m, oracle = train_fresh(setting, data, config, seed, ~data.is_poison, "clean", on_epoch_end)
     return {"defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
             **detection(oracle, data.is_poison), "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
 
