@@ -47,6 +47,7 @@ from benchmarks.presets import PRESETS, Preset, Setting, VictimData, get_preset,
 from sanitizer.attacks import PoisonSet, make_attack
 from sanitizer.attacks.base import _ATTACKS
 from sanitizer.core import Sanitizer
+from sanitizer.noise_screen import gradient_rounds
 from sanitizer.policies import Policy, make_policy
 from sanitizer.policies.simple import RandomPolicy
 from sanitizer.progress import log, progress
@@ -110,6 +111,13 @@ def sanitizer_options(spec: str, preset: Preset) -> dict[str, Any]:
     if unlearn:
         out["unlearn_options"] = unlearn
     return out
+
+
+def screens(spec: str) -> bool:
+    """Whether the defense runs the input-noise screen (``density`` does unless ``screen=false``):
+    its victim trains from epoch 0 instead of branching from the shared prefix."""
+    name, options = parse_defense(spec)
+    return name == "density" and bool(options.get("screen", True))
 
 
 def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
@@ -256,11 +264,38 @@ def detection(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, Any]:
             "recall": hits / n_poison if n_poison else None,
             "precision": hits / len(dropped) if len(dropped) else None,
             "clean_dropped": int(len(dropped) - hits),
-            "dropped_per_round": [len(r["dropped_now"]) for r in sanitizer.history],
-            "round_epochs": [r["epoch"] for r in sanitizer.history],
+            "dropped_per_round": [len(r["dropped_now"]) for r in gradient_rounds(sanitizer.history)],
+            "round_epochs": [r["epoch"] for r in gradient_rounds(sanitizer.history)],
+            "screen": screen_outcome(sanitizer, is_poison),
             "seconds_sanitizer": float(sum(r["seconds_embed"] + r["seconds_select"] for r in sanitizer.history)),
             "diagnostics": [r["extras"] for r in sanitizer.history if "extras" in r] or None,
             "unlearn": [r["unlearn"] for r in sanitizer.history if "unlearn" in r] or None}
+
+
+def screen_outcome(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, Any] | None:
+    """What the input-noise screen dropped (None when it did not run), and how well its z-score
+    separates the poisons from the clean examples of their class (AUROC)."""
+    record = next((r for r in sanitizer.history if r.get("kind") == "screen"), None)
+    if record is None:
+        return None
+    dropped = np.asarray(record["dropped_now"], dtype=int)
+    hits = int(is_poison[dropped].sum())
+    out = {"dropped": int(len(dropped)), "poisons_dropped": hits, "clean_dropped": int(len(dropped) - hits),
+           "seconds": record["seconds_embed"]}
+    z = sanitizer.screen_scores
+    if z is not None and is_poison.any():
+        classes = np.unique(sanitizer.labels[is_poison])
+        clean_same = ~is_poison & np.isin(sanitizer.labels, classes)
+        out["auroc_in_class"] = auroc(z[is_poison], z[clean_same])
+    return out
+
+
+def matched_counts(row: dict[str, Any]) -> list[int]:
+    """What the random control drops per round to match a density row: the screen's drops go into
+    its first round."""
+    counts = list(row["dropped_per_round"]) or [0]
+    counts[0] += (row.get("screen") or {}).get("dropped", 0)
+    return counts
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -337,7 +372,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     optimizer, scheduler = make_optimizer(model, config)
     prefix_seconds = 0.0
     from_scratch = ("clean", "jpeg")  # victims that do not branch from the prefix
-    if any(parse_defense(spec)[0] not in from_scratch and spec not in done for spec in defenses):
+    if any(parse_defense(spec)[0] not in from_scratch and not screens(spec) and spec not in done for spec in defenses):
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
         t0 = time.perf_counter()
         continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
@@ -350,7 +385,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     for spec in defenses:
         name = parse_defense(spec)[0]
         if name == "density" and matched is None and spec in done:
-            matched = done[spec]["dropped_per_round"]
+            matched = matched_counts(done[spec])
         if spec in done:
             continue
         trace: dict[int, float] = {}
@@ -369,24 +404,35 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         else:
             policy, options = build_policy(spec, preset, matched)
             sched = schedule_for(spec, preset)
-            m, opt, sch = branch(model, optimizer, scheduler, config)
+            # A policy with the input-noise screen acts when training starts: its victim trains from
+            # epoch 0 (the shared prefix has already seen the poisons).
+            from_start = policy.screen
+            assert from_start == screens(spec), spec
+            if from_start:
+                m = setting.new_victim(seed)
+                opt, sch = make_optimizer(m, config)
+            else:
+                m, opt, sch = branch(model, optimizer, scheduler, config)
             hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
             sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks, **sched,
                                   **sanitizer_options(spec, preset))
             t1 = time.perf_counter()
-            trace.update(prefix_trace)
+            shared = 0.0 if from_start else prefix_seconds
+            if not from_start:
+                trace.update(prefix_trace)
             own = record_hooks if spec == "none" else {}
-            continue_training(m, data.train, config, opt, sch, sanitizer, prefix_end, config.epochs, desc=spec,
-                              on_batch=own.get("on_batch"), on_epoch_end=chain(own.get("on_epoch_end"), tracer))
+            continue_training(m, data.train, config, opt, sch, sanitizer, 0 if from_start else prefix_end,
+                              config.epochs, desc=spec, on_batch=own.get("on_batch"),
+                              on_epoch_end=chain(own.get("on_epoch_end"), tracer))
             row = {"defense": spec, "policy_options": options, "schedule": sched, "embedding": sanitizer.embedding,
                    "model": m, **detection(sanitizer, data.is_poison),
-                   "seconds": prefix_seconds + time.perf_counter() - t1, "seconds_prefix": prefix_seconds}
+                   "seconds": shared + time.perf_counter() - t1, "seconds_prefix": shared}
         outcome = evaluate(row.pop("model"), data, adv)
         row = {**common, **row, **outcome, "target_adv_prob_by_epoch": [trace[e] for e in sorted(trace)]}
         write(row)
         done[spec] = row
         if name == "density" and matched is None:
-            matched = row["dropped_per_round"]
+            matched = matched_counts(row)
 
 
 def retrain_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
 from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
+from sanitizer.noise_screen import gradient_rounds, image_dataset_noise_floor, noise_outliers
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
@@ -284,6 +285,8 @@ class Sanitizer:
         self.keep = np.ones(self.size, dtype=bool)
         self.history: list[RoundRecord] = []
         self.last_scores: np.ndarray | None = None
+        self.screen_scores: np.ndarray | None = None  # the noise screen's z per example, once it ran
+        self._screened = False
         self.last_embeddings: np.ndarray | None = None
         self.epoch = -1
         self.epochs = epochs
@@ -340,9 +343,11 @@ class Sanitizer:
     def start_epoch(self, epoch: int) -> RoundRecord | None:
         """Call at the start of every epoch: runs a round if one is due, then reseeds the samplers."""
         record = None
-        if self.is_round_epoch(epoch) and not any(r["epoch"] == epoch for r in self.history):
+        if self.policy.screen and not self._screened and not any(r.get("kind") == "screen" for r in self.history):
+            self.run_screen(epoch)
+        if self.is_round_epoch(epoch) and not any(r["epoch"] == epoch for r in gradient_rounds(self.history)):
             record = self.run_round(epoch)
-        if self.epochs is not None and epoch == self.epochs - 1 and not self.history:
+        if self.epochs is not None and epoch == self.epochs - 1 and not gradient_rounds(self.history):
             warnings.warn(f"the last epoch ({epoch}) has started and no sanitization round has run "
                           f"(warmup={self.warmup}, every={self.every}); nothing was dropped", stacklevel=2)
         self.epoch = epoch
@@ -357,7 +362,7 @@ class Sanitizer:
         t0 = time.perf_counter()
         emb = self._embed(candidates)
         t1 = time.perf_counter()
-        self.policy.start_round(len(self.history))
+        self.policy.start_round(len(gradient_rounds(self.history)))
         selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
                                        seed=self._round_seed(epoch))
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
@@ -393,6 +398,40 @@ class Sanitizer:
             what = (f"would drop {int((~selection.keep).sum())} (audit: nothing dropped)" if self.audit else
                     f"dropped {len(dropped_now)} now, {len(self.dropped)} in total")
             log(f"[sanitizer] epoch {epoch}: {what} (embed {t1 - t0:.2f}s, select {t2 - t1:.2f}s)")
+        return record
+
+    def run_screen(self, epoch: int) -> RoundRecord | None:
+        """The input-noise screen (:mod:`sanitizer.noise_screen`), once, when training starts: drop the
+        images whose patch noise floor is an outlier for their class. Recorded in the history as a
+        round with ``kind == "screen"``. Inputs that are not images are not screened (no record)."""
+        self._check_size()
+        self._screened = True
+        candidates = np.flatnonzero(self.keep)
+        t0 = time.perf_counter()
+        floor = image_dataset_noise_floor(self.embed_dataset, self.batch_size, self.embed_collate)
+        if floor is None:
+            if self.verbose and is_main_process():
+                log("[sanitizer] noise screen: the inputs are not float image tensors; not screened")
+            return None
+        flagged, z = noise_outliers(floor, self.labels, self.policy.screen_threshold)
+        if self._sharded():  # every rank computed the same; rank 0's decision everywhere all the same
+            flagged = broadcast_mask(flagged)
+        t1 = time.perf_counter()
+        would_drop = candidates[flagged[candidates]]
+        dropped_now = would_drop if not self.audit else would_drop[:0]
+        self._check_leaves_examples(epoch, dropped_now)
+        self.keep[dropped_now] = False
+        self.screen_scores = z
+        if self.audit:
+            self.audit_scores[(int(epoch), "noise_screen")] = z.astype(np.float32)
+        record = self._record(epoch, candidates, dropped_now, z[candidates], t1 - t0, 0.0)
+        record.update(kind="screen", policy="noise_screen", embedding="input_noise",
+                      screen={"threshold": self.policy.screen_threshold, "flagged": int(len(would_drop))})
+        self.history.append(record)
+        if self.verbose and is_main_process():
+            what = "would drop" if self.audit else "dropped"
+            log(f"[sanitizer] noise screen at epoch {epoch}: {what} {len(would_drop)} images with an abnormal "
+                f"noise floor for their class ({t1 - t0:.1f}s)")
         return record
 
     def _check_leaves_examples(self, epoch: int, dropped_now: np.ndarray) -> None:
@@ -466,7 +505,8 @@ class Sanitizer:
             return (f"no sanitization round has run yet (rounds start at epoch {self.warmup}, every {self.every}); "
                     f"{self.size} examples kept")
         last = self.history[-1]
-        scores = self.last_scores if self.last_scores is not None else np.full(self.size, np.nan)
+        scores = self.screen_scores if last.get("kind") == "screen" else self.last_scores
+        scores = scores if scores is not None else np.full(self.size, np.nan)
         lines = [f"round {last['round']} at epoch {last['epoch']} ({last['policy']} on {last['embedding']}"
                  + (", audit: nothing dropped" if self.audit else "") + f"): {len(self.dropped)} of {self.size} "
                  "dropped in total",

@@ -35,15 +35,18 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
         # Same poisoned set and target for every defense of a trial.
         assert len({(r["target_index"], r["adversarial_class"], r["seed"]) for r in per.values()}) == 1
         assert per["none"]["dropped"] == 0 and per["none"]["dropped_per_round"] == []
-        # The random control drops as many as density did, round by round.
-        assert per["random"]["dropped_per_round"] == per["density"]["dropped_per_round"]
+        # The random control drops as many as density did, round by round (the screen's in its first round).
+        assert per["random"]["dropped_per_round"] == poisoning.matched_counts(per["density"])
+        assert per["density"]["screen"]["dropped"] >= 0 and per["random"]["screen"] is None
+        # the screened victim trains from epoch 0, not from the shared prefix that saw the poisons
+        assert per["density"]["seconds_prefix"] == 0 and per["none"]["seconds_prefix"] > 0
         for r in per.values():
             assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["target_adv_prob"] <= 1
             # the per-epoch trace covers every epoch (prefix included) and ends at the final value
             assert len(r["target_adv_prob_by_epoch"]) == 3
             assert r["target_adv_prob_by_epoch"][-1] == pytest.approx(r["target_adv_prob"], rel=1e-5)
             assert r["poisons_dropped"] + r["clean_dropped"] == r["dropped"]
-            assert r["seconds"] >= r["seconds_prefix"] > 0
+            assert r["seconds"] >= r["seconds_prefix"] >= 0 and r["seconds"] > 0
 
     # Resume: finished pairs are skipped; nothing is crafted or trained again.
     crafted = []

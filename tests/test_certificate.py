@@ -33,6 +33,7 @@ from sanitizer.core import Sanitizer
 from sanitizer.data import ImageTensorDataset, load_digits_split, subset_by_class
 from sanitizer.errors import SanitizerError
 from sanitizer.models import CompactCNN
+from sanitizer.noise_screen import gradient_rounds
 from sanitizer.train import TrainConfig, train_classifier
 
 SAN_OPTIONS = {"warmup": 1, "every": 2, "policy_options": {"threshold": 2.0, "max_fraction": 0.05}}
@@ -72,7 +73,9 @@ def run():
 def test_certificate_of_a_real_run_validates(run):
     cert = run["cert"]
     assert validate(cert) == []
-    assert len(cert["audit"]["rounds"]) == 2  # epochs 1 and 3
+    # the input-noise screen when training starts, then the density rounds at epochs 1 and 3
+    assert [r.get("kind", "round") for r in cert["audit"]["rounds"]] == ["screen", "round", "round"]
+    assert [r["epoch"] for r in cert["audit"]["rounds"]] == [0, 1, 3]
     assert cert["audit"]["dataset"]["size"] == len(run["data"])
     assert cert["audit"]["dropped"] == [int(i) for i in run["sanitizer"].dropped]
     # The validator is not vacuous: a wrong type, a missing field and a bad hash are all reported.
@@ -101,7 +104,8 @@ def _edits(cert):
         yield f"round {i} epoch", lambda c, i=i: c["audit"]["rounds"][i].__setitem__("epoch", 99)
         yield f"round {i} scores", lambda c, i=i: c["audit"]["rounds"][i]["per_class"]["0"].__setitem__(
             "score_max", 0.5)
-        yield f"round {i} rho", lambda c, i=i: c["audit"]["rounds"][i]["extras"]["bound"].__setitem__("rho", 0.0)
+        if "extras" in cert["audit"]["rounds"][i]:  # the screen embeds no gradients: no bound quantities
+            yield f"round {i} rho", lambda c, i=i: c["audit"]["rounds"][i]["extras"]["bound"].__setitem__("rho", 0.0)
         yield f"round {i} undrop", lambda c, i=i: c["audit"]["rounds"][i].__setitem__(
             "dropped_now", c["audit"]["rounds"][i]["dropped_now"][1:])
     yield "delete a round", lambda c: c["audit"]["rounds"].pop(0)
@@ -217,7 +221,8 @@ def test_slack_terms_edge_cases():
 
 
 def test_recorder_writes_the_bound_into_every_round(run):
-    rounds = run["cert"]["audit"]["rounds"]
+    rounds = gradient_rounds(run["cert"]["audit"]["rounds"])
+    assert len(rounds) == len(run["recorder"].rounds) == 2
     for record, seen in zip(rounds, run["recorder"].rounds):
         b = record["extras"]["bound"]
         assert b["n"] == len(run["data"]) and b["rho"] >= 0 and b["grad_max"] >= b["grad_norm"]

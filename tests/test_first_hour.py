@@ -101,7 +101,8 @@ def test_one_log_line_per_round_by_default_and_a_summary_table():
         logger.removeHandler(collect)
     assert sum("[sanitizer] epoch 0" in m for m in collect.messages) == 1
     table = san.summary(top=2).splitlines()
-    assert table[0].startswith("round 0 at epoch 0") and len(table) == 2 + 2  # header, columns, 2 classes
+    # round 0 is the input-noise screen, which ran first at epoch 0
+    assert table[0].startswith("round 1 at epoch 0") and len(table) == 2 + 2  # header, columns, 2 classes
     assert table[2].split()[0] == "0" and int(table[2].split()[1]) + int(table[2].split()[2]) == 20
 
 

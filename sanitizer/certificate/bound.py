@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sanitizer.embeddings import _EvalMode, _logits_of, _resolve_device, find_last_linear, iterate_batches
+from sanitizer.noise_screen import gradient_rounds
 
 THEOREM = "EPIC (Yang, Liu & Mirzasoleiman, ICML 2022), Theorem 3.1"
 STATEMENT = ("If the full-data loss L is µ-PL and its gradient norm is at most ∇max, training on a subset whose "
@@ -183,6 +184,7 @@ class BoundRecorder:
 
 def bound_section(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The certificate's ``bound`` section: definitions, assumptions and a summary over rounds."""
+    history = gradient_rounds(history)
     per_round = [r.get("extras", {}).get("bound") for r in history]
     if not history or any(p is None for p in per_round):
         return None

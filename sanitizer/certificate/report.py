@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sanitizer.noise_screen import gradient_rounds
+
 _STYLE = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1d2330;margin:0;background:#f5f6f8}
 main{max-width:1100px;margin:0 auto;padding:24px 32px;background:#fff}
@@ -211,7 +213,7 @@ def fig_dropped(cert: dict, images: torch.Tensor | None, labels: np.ndarray, poi
 
 def fig_bound(cert: dict, out_dir: Path):
     plt = _plt()
-    rounds = cert["audit"]["rounds"]
+    rounds = gradient_rounds(cert["audit"]["rounds"])
     stats = [r.get("extras", {}).get("bound") for r in rounds]
     epochs = [r["epoch"] for r in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -466,7 +468,7 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
     else:
         parts.append(f"<p>{e(bound['theorem'])}. {e(bound['statement'])}</p>" + imgs.get("bound", ""))
         rows = [[r["round"], r["epoch"], b["rho"], b["rho_round"], b["grad_max"], b["grad_norm"], b["loss"],
-                 b["mu_estimate"], b["slack"]] for r in audit["rounds"] for b in [r["extras"]["bound"]]]
+                 b["mu_estimate"], b["slack"]] for r in gradient_rounds(audit["rounds"]) for b in [r["extras"]["bound"]]]
         parts.append(_table(["round", "epoch", "ρ", "ρ (round)", "∇max", "‖∇L‖", "L", "µ̂", "slack"], rows))
         parts.append(f"<p>Conservative slack (largest ρ and ∇max with the smallest µ̂): "
                      f"<b>{e(bound.get('conservative_slack'))}</b>.</p>")
@@ -536,8 +538,11 @@ def text_summary(cert: dict[str, Any]) -> str:
     audit, lines = cert["audit"], []
     size, dropped = audit["dataset"]["size"], audit["dropped"]
     poisons = set(audit["dataset"].get("poison_indices") or [])
-    line = f"audit       {size} examples, {len(audit['rounds'])} rounds, {len(dropped)} dropped " \
+    screens = [r for r in audit["rounds"] if r.get("kind") == "screen"]
+    line = f"audit       {size} examples, {len(gradient_rounds(audit['rounds']))} rounds, {len(dropped)} dropped " \
            f"({len(dropped) / size:.1%})"
+    if screens:
+        line += f"; {len(screens[0]['dropped_now'])} by the noise screen"
     if poisons:
         line += f"; known poisons: {len(poisons & set(dropped))} of {len(poisons)} dropped"
     lines.append(line)

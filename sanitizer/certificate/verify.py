@@ -32,6 +32,7 @@ from sanitizer.certificate.schema import validate
 from sanitizer.certificate.signing import check_signature, load_public_key
 from sanitizer.certificate.strict import CertificateFormatError, parse_certificate, read_certificate
 from sanitizer.embeddings import iterate_batches
+from sanitizer.noise_screen import gradient_rounds
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _sections(cert: dict[str, Any]) -> list[str]:
 
 def _bound(bound: dict[str, Any], cert: dict[str, Any]) -> list[str]:
     """Every round's µ̂ and slack follow from its ρ, ∇max, ‖∇L‖ and L; the summary follows from the rounds."""
-    rounds = cert["audit"]["rounds"]
+    rounds = gradient_rounds(cert["audit"]["rounds"])
     stats = [r.get("extras", {}).get("bound") for r in rounds]
     if not stats or None in stats:
         return ["bound: a round lacks its measured quantities (extras.bound), so the bound does not follow"]

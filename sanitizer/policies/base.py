@@ -38,6 +38,10 @@ class Policy:
     name: str = ""
     embedding_kind: str | None = None
     min_class_size: int = 3
+    # True: the Sanitizer runs the input-noise screen (sanitizer.noise_screen) once, when training
+    # starts, with the policy's ``screen_threshold``
+    screen: bool = False
+    screen_threshold: float = 3.5
 
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         x = check_embeddings(embeddings, len(labels))

@@ -12,7 +12,12 @@ from sanitizer.policies.base import Policy, cap_count, register_policy
 @register_policy("density")
 class DensityPolicy(Policy):
     """kNN density within each class: drop the examples whose density is abnormal for their class:
-    isolated ones always, and with ``two_sided=True`` also the abnormally dense ones.
+    isolated ones always, and with ``two_sided=True`` also the abnormally dense ones. With
+    ``screen=True`` (the default) the Sanitizer first runs the input-noise screen when training
+    starts (:mod:`sanitizer.noise_screen`): images whose patch noise floor is an outlier for their
+    class (robust z > ``screen_threshold``) are dropped before the model sees them. That is what
+    catches ℓ∞-bounded poisons (gradient matching from scratch), which are *not* isolated in
+    gradient space; the rounds then catch what is isolated (mislabelled examples, feature collision).
 
     The isolation of an example is the mean distance to its ``k`` nearest same-class neighbours in
     the embedding (faiss); its score is the robust z-score of log(isolation) within the class, so one
@@ -49,8 +54,11 @@ class DensityPolicy(Policy):
 
     def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.05,
                  backend: str = "auto", spectral: bool = False, two_sided: bool = False,
-                 dense_threshold: float | None = None, dense_rounds: int | None = 1) -> None:
+                 dense_threshold: float | None = None, dense_rounds: int | None = 1, screen: bool = True,
+                 screen_threshold: float = 3.5) -> None:
         k = check_positive_int(k, "k")
+        self.screen = bool(screen)
+        self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
         if not 0 <= max_fraction <= 1:
             raise SanitizerError(f"max_fraction must be in [0, 1], got {max_fraction}")
         threshold = check_threshold(threshold)
