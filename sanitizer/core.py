@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
 from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
-from sanitizer.noise_screen import gradient_rounds, image_dataset_noise_floor, noise_outliers
+from sanitizer.noise_screen import PATCH, SMALLEST, gradient_rounds, image_dataset_noise_floor, noise_outliers
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
@@ -426,7 +426,8 @@ class Sanitizer:
             self.audit_scores[(int(epoch), "noise_screen")] = z.astype(np.float32)
         record = self._record(epoch, candidates, dropped_now, z[candidates], t1 - t0, 0.0)
         record.update(kind="screen", policy="noise_screen", embedding="input_noise",
-                      screen={"threshold": self.policy.screen_threshold, "flagged": int(len(would_drop))})
+                      screen={"threshold": self.policy.screen_threshold, "flagged": int(len(would_drop)),
+                              "patch": PATCH, "smallest": SMALLEST})
         self.history.append(record)
         if self.verbose and is_main_process():
             what = "would drop" if self.audit else "dropped"

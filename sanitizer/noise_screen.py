@@ -42,6 +42,7 @@ from sanitizer.errors import SanitizerError
 # the estimate keeps flat images (all eigenvalues 0) from becoming extreme low outliers.
 QUANTISATION_FLOOR = (1 / 255) ** 2 / 12
 THRESHOLD = 3.5
+PATCH, SMALLEST = 3, 1  # 3×3×C patches, the smallest eigenvalue (benchmarks/RESULTS.md, "noise screen")
 
 
 def gradient_rounds(rounds: list[dict]) -> list[dict]:
@@ -56,7 +57,8 @@ def is_image_batch(x: object) -> bool:
 
 
 @torch.no_grad()
-def patch_noise_floor(images: torch.Tensor, patch: int = 3, smallest: int = 3, stride: int = 1) -> torch.Tensor:
+def patch_noise_floor(images: torch.Tensor, patch: int = PATCH, smallest: int = SMALLEST,
+                      stride: int = 1) -> torch.Tensor:
     """Per-image noise floor: the mean of the ``smallest`` eigenvalues of the covariance of the
     image's ``patch``×``patch``×C patches. Returns float64 [N].
 
@@ -66,16 +68,20 @@ def patch_noise_floor(images: torch.Tensor, patch: int = 3, smallest: int = 3, s
         raise SanitizerError(f"the noise screen needs float images [N, C, H, W] with H, W >= 3, got "
                              f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
     x = images.detach().to("cpu", torch.float64)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
     if not torch.isfinite(x).all():
         raise SanitizerError("the noise screen got images with NaN or infinite pixels; fix or remove those images")
+    return noise_floor_of(x, patch, smallest, stride)
+
+
+def noise_floor_of(x: torch.Tensor, patch: int = PATCH, smallest: int = SMALLEST, stride: int = 1) -> torch.Tensor:
+    """:func:`patch_noise_floor` without checks, differentiable in ``x`` (the adaptive attack uses it)."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
     patches = F.unfold(x, patch, stride=stride).transpose(1, 2)  # [N, L, C·p·p]
     patches = patches - patches.mean(1, keepdim=True)
     cov = patches.transpose(1, 2) @ patches / patches.shape[1]
     eig = torch.linalg.eigvalsh(cov)  # ascending
-    smallest = min(smallest, eig.shape[1])
-    return eig[:, :smallest].mean(1).clamp_min(QUANTISATION_FLOOR)
+    return eig[:, :min(smallest, eig.shape[1])].mean(1).clamp_min(QUANTISATION_FLOOR)
 
 
 def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -92,7 +98,7 @@ def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.
     return z > threshold, z
 
 
-def dataset_noise_floor(batches: Callable[[], object], size: int, patch: int = 3, smallest: int = 3,
+def dataset_noise_floor(batches: Callable[[], object], size: int, patch: int = PATCH, smallest: int = SMALLEST,
                         stride: int = 1) -> np.ndarray | None:
     """The noise floor of every example, reading ``(inputs, labels)`` batches in dataset order from
     ``batches()``; ``None`` when the inputs are not images (the screen does not apply)."""

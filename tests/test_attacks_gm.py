@@ -210,6 +210,14 @@ def test_adaptive_pulls_poison_embeddings_towards_their_class(data, surrogate, e
         make_attack("adaptive", anchor="median")
 
 
+def test_adaptive_noise_term_keeps_the_poisons_noise_floor_near_their_bases(data, surrogate):
+    plain = craft("adaptive", data, surrogate, lam=0.0, noise_lam=0.0, steps=20)
+    quiet = craft("adaptive", data, surrogate, lam=0.0, noise_lam=20.0, steps=20)
+    assert quiet.params["noise_excess_poisons"] < plain.params["noise_excess_poisons"]
+    with pytest.raises(ValueError, match="noise_lam"):
+        make_attack("adaptive", noise_lam=-1)
+
+
 def test_sleeper_agent_trigger_selection_and_success_helper(data, surrogate):
     from sanitizer.attacks.sleeper_agent import apply_trigger, backdoor_success, gradient_norms
 

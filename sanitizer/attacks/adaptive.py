@@ -1,10 +1,13 @@
 """Adaptive gradient matching: the attacker who knows the density defense.
 
-Gradient matching (:mod:`sanitizer.attacks.gradient_matching`) plus a term that keeps every
-poison's gradient embedding inside the dense part of its own class, so that a filter that drops
-examples isolated in gradient-embedding space (our default policy, EPIC) has less to see:
+Gradient matching (:mod:`sanitizer.attacks.gradient_matching`) plus two terms that model our
+default defense: one keeps every poison's gradient embedding inside the dense part of its own class,
+so that a filter that drops examples isolated in gradient-embedding space (the density rounds, EPIC)
+has less to see; the other keeps each poison's patch noise floor at its base image's, so that the
+input-noise screen (:mod:`sanitizer.noise_screen`) has less to see:
 
     loss = matching loss + λ · mean_i ‖e(x_i + δ_i) − a_i‖² / s²
+           + λ_noise · mean_i relu(log floor(x_i + δ_i) − log floor(x_i))
 
 ``e`` is the defense's embedding computed on the un-augmented poison with the (first) surrogate:
 ``last_layer`` = (softmax(z) − onehot(y)) ⊗ [h; 1], ``logits`` = softmax(z) − onehot(y), or
@@ -26,6 +29,7 @@ from sanitizer.attacks.base import ThreatModel, register_attack
 from sanitizer.attacks.gradient_matching import GradientMatcher, GradientMatching, LossFn
 from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.embeddings import find_last_linear, model_device
+from sanitizer.noise_screen import noise_floor_of
 
 
 def embedding_of(model: nn.Module, last: nn.Linear, images: torch.Tensor, labels: torch.Tensor,
@@ -82,12 +86,19 @@ class DensityTerm:
         return (emb - self._anchors(emb)).pow(2).sum(1).mean() / self.scale
 
 
+def noise_excess(images: torch.Tensor, base_log_floor: torch.Tensor) -> torch.Tensor:
+    """mean_i relu(log floor(x_i) − log floor(base_i)): what the input-noise screen sees of a perturbation."""
+    log_floor = noise_floor_of(images.cpu().double()).log()
+    return F.relu(log_floor - base_log_floor).mean().float()
+
+
 @register_attack("adaptive")
 class AdaptiveGradientMatching(GradientMatching):
     """Gradient matching that also keeps each poison's gradient embedding in its class's dense region.
 
     Args (besides :class:`GradientMatching`'s):
-        lam: weight λ of the density term (0 gives plain gradient matching).
+        lam: weight λ of the density term.
+        noise_lam: weight λ_noise of the noise-floor term (``lam=0, noise_lam=0`` is plain gradient matching).
         k: neighbours for the ``knn`` anchor; anchor: ``"knn"`` or ``"mean"``.
         embedding: ``"last_layer"`` (our default defense's embedding), ``"logits"`` (EPIC's) or
             ``"features"`` (the penultimate features: our configuration tuned for transfer learning).
@@ -102,10 +113,13 @@ class AdaptiveGradientMatching(GradientMatching):
                                        "their class (defense-aware)")
 
     def __init__(self, lam: float = 1.0, k: int = 10, anchor: str = "knn", embedding: str = "last_layer",
-                 **gm_params) -> None:
+                 noise_lam: float = 1.0, **gm_params) -> None:
         super().__init__(**gm_params)
         if not lam >= 0:
             raise ValueError(f"lam must be ≥ 0, got {lam}")
+        if not noise_lam >= 0:
+            raise ValueError(f"noise_lam must be ≥ 0, got {noise_lam}")
+        self.noise_lam = float(noise_lam)
         if anchor not in ("knn", "mean"):
             raise ValueError(f"anchor must be 'knn' or 'mean', got {anchor!r}")
         if embedding not in ("last_layer", "logits", "features"):
@@ -123,8 +137,15 @@ class AdaptiveGradientMatching(GradientMatching):
                               self.k, self.anchor)
         self._density = density
 
-        def objective(x_aug, x_plain, y, _sl):
-            return matcher.loss(x_aug, y) + self.lam * density(x_plain, y).to(x_aug.device)
+        # The input-noise screen's score: each poison's log noise floor above its base image's
+        base_floor = noise_floor_of(train_set.images[torch.from_numpy(indices)].double()).log()
+        self._base_floor = base_floor
+
+        def objective(x_aug, x_plain, y, sl):
+            loss = matcher.loss(x_aug, y) + self.lam * density(x_plain, y).to(x_aug.device)
+            if self.noise_lam:
+                loss = loss + self.noise_lam * noise_excess(x_plain, base_floor[sl]).to(x_aug.device)
+            return loss
 
         return objective
 
@@ -136,4 +157,6 @@ class AdaptiveGradientMatching(GradientMatching):
         with torch.no_grad():
             poisons.params["density_term_bases"] = float(self._density(bases, y))
             poisons.params["density_term_poisons"] = float(self._density(torch.from_numpy(poisons.images), y))
+            poisons.params["noise_excess_poisons"] = float(noise_excess(torch.from_numpy(poisons.images),
+                                                                        self._base_floor))
         return poisons

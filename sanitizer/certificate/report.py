@@ -468,7 +468,8 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
     else:
         parts.append(f"<p>{e(bound['theorem'])}. {e(bound['statement'])}</p>" + imgs.get("bound", ""))
         rows = [[r["round"], r["epoch"], b["rho"], b["rho_round"], b["grad_max"], b["grad_norm"], b["loss"],
-                 b["mu_estimate"], b["slack"]] for r in gradient_rounds(audit["rounds"]) for b in [r["extras"]["bound"]]]
+                 b["mu_estimate"], b["slack"]]
+                for r in gradient_rounds(audit["rounds"]) for b in [r["extras"]["bound"]]]
         parts.append(_table(["round", "epoch", "ρ", "ρ (round)", "∇max", "‖∇L‖", "L", "µ̂", "slack"], rows))
         parts.append(f"<p>Conservative slack (largest ρ and ∇max with the smallest µ̂): "
                      f"<b>{e(bound.get('conservative_slack'))}</b>.</p>")
