@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Bad input (a :class:`~sanitizer.errors.SanitizerError`, ``ValueError`` or an
-    ``OSError`` about a named file) ends in one line ``sanitizer: error: <message>`` on stderr and exit
-    status 2; any other exception is a bug and keeps its traceback."""
+    ``OSError`` about a named file, or a subcommand's ``SystemExit("message")``) ends in one line
+    ``sanitizer: error: <message>`` on stderr and exit status 2; any other exception is a bug and keeps
+    its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (SanitizerError, ValueError) as exc:
         return _user_error(exc)
+    except SystemExit as exc:  # a subcommand's SystemExit("message"): the same one line and status 2
+        if isinstance(exc.code, str):
+            return _user_error(exc)
+        raise
     except OSError as exc:
         if exc.filename is None:  # not about a path the user gave: keep it visible
             raise

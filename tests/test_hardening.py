@@ -198,13 +198,15 @@ def test_cli_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, monkey
     assert re.search(r"^sanitizer( \w+)?: error: ", err) and re.search(message, err), err
 
 
-def test_cli_attack_data_errors_exit_with_one_line(tmp_path):
-    # sanitizer/attacks/command.py reports bad data as SystemExit(message): one line too, but exit status 1
+def test_cli_attack_data_errors_exit_with_one_line(tmp_path, capsys):
+    # sanitizer/attacks/command.py reports bad data as SystemExit(message): main turns it into the same
+    # one line and exit status 2 as every other command's bad input
     cifar = _bad_cifar(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        main(["attack", "label_flip", "--data", "cifar10", "--data-root", str(cifar), "--out", str(tmp_path / "p.npz")])
-    text = str(info.value.code)
-    assert "\n" not in text and re.search(r"data_batch_1: 'data' must be a uint8 array of shape \(10000, 3072\)", text)
+    code = main(["attack", "label_flip", "--data", "cifar10", "--data-root", str(cifar),
+                 "--out", str(tmp_path / "p.npz")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("sanitizer: error: ")
+    assert re.search(r"data_batch_1: 'data' must be a uint8 array of shape \(10000, 3072\)", err)
 
 
 def test_cli_keeps_real_bugs_visible(monkeypatch, capsys):
