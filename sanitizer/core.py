@@ -186,6 +186,8 @@ class Sanitizer:
         to_xy: a function item -> (input, label) for datasets whose items the sanitizer cannot read by
             itself (e.g. ``to_xy=lambda d: (d["image"], d["label"])``); applied to ``embed_dataset``'s items.
         audit, audit_policies: score without dropping; also score these policies each round.
+        screen_dataset: the images the input-noise screen reads, when the training data are not images
+            (e.g. features precomputed by a frozen backbone); the same examples in the same order.
         check: embed one example at construction so that problems surface before training.
         action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
             until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
@@ -234,6 +236,7 @@ class Sanitizer:
         action: str = "drop",
         unlearn_options: dict[str, Any] | None = None,
         to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
+        screen_dataset: Dataset | None = None,
     ) -> None:
         if epochs is None and warmup is None:
             warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
@@ -257,6 +260,12 @@ class Sanitizer:
         if check_map_dataset(self.embed_dataset) != self.size:
             raise SanitizerError(f"embed_dataset has {len(self.embed_dataset)} examples but the training "
                                  f"dataset has {self.size}; they must be the same examples in the same order")
+        self.screen_dataset = screen_dataset if screen_dataset is not None else self.embed_dataset
+        if screen_dataset is not None and to_xy is not None:
+            self.screen_dataset = XYView(screen_dataset, to_xy)
+        if check_map_dataset(self.screen_dataset) != self.size:
+            raise SanitizerError(f"screen_dataset has {len(self.screen_dataset)} examples but the training "
+                                 f"dataset has {self.size}; it must hold the same examples' images in the same order")
         self.labels = check_labels(dataset_labels(self.embed_dataset), num_classes)
         self.num_classes = num_classes or int(self.labels.max()) + 1
         if action not in ACTIONS:
@@ -408,7 +417,8 @@ class Sanitizer:
         self._screened = True
         candidates = np.flatnonzero(self.keep)
         t0 = time.perf_counter()
-        floor = image_dataset_noise_floor(self.embed_dataset, self.batch_size, self.embed_collate)
+        collate = self.embed_collate if self.screen_dataset is self.embed_dataset else None
+        floor = image_dataset_noise_floor(self.screen_dataset, self.batch_size, collate)
         if floor is None:
             if self.verbose and is_main_process():
                 log("[sanitizer] noise screen: the inputs are not float image tensors; not screened")

@@ -123,3 +123,14 @@ def test_inputs_that_are_not_images_are_not_screened():
     san = Sanitizer(model, ds, warmup=1, epochs=3, verbose=False)
     san.start_epoch(0)
     assert san.history == [] and len(san.dropped) == 0
+
+
+def test_screen_dataset_lets_feature_training_be_screened_on_its_images():
+    ds, planted = screened_dataset()
+    features = torch.utils.data.TensorDataset(ds.images.flatten(1)[:, :8], ds.labels)
+    head = torch.nn.Linear(8, 2)
+    san = Sanitizer(head, features, screen_dataset=ds, warmup=3, epochs=6, verbose=False)
+    san.start_epoch(0)
+    assert set(planted) <= set(san.dropped.tolist())
+    with pytest.raises(SanitizerError, match="screen_dataset has 10 examples"):
+        Sanitizer(head, features, screen_dataset=torch.utils.data.Subset(ds, range(10)), epochs=6)
