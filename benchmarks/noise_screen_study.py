@@ -34,7 +34,7 @@ from sanitizer.attacks.command import craft_with_convention
 from sanitizer.attacks.gradient_matching import train_surrogate
 from sanitizer.data import ImageTensorDataset, load_digits_split, subset_by_class
 from sanitizer.models import make_model
-from sanitizer.noise_screen import PATCH, SMALLEST, THRESHOLD, noise_outliers, patch_noise_floor
+from sanitizer.noise_screen import GROUP_CUT, PATCH, SMALLEST, THRESHOLD, noise_outliers, patch_noise_floor
 from sanitizer.progress import log
 from sanitizer.stats import format_rate
 
@@ -73,7 +73,7 @@ def load(data: str, per_class: int, seed: int, root: str) -> tuple[ImageTensorDa
 
 
 def one_row(data: str, attack_name: str, seed: int, train, test, surrogate, patch: int = PATCH,
-            smallest: int = SMALLEST) -> dict[str, Any]:
+            smallest: int = SMALLEST, group_cut: float | None = GROUP_CUT) -> dict[str, Any]:
     name, params = ATTACKS[attack_name]
     attack = make_attack(name, **params)
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def one_row(data: str, attack_name: str, seed: int, train, test, surrogate, patc
     is_poison[np.asarray(poisons.indices)] = True
     t1 = time.perf_counter()
     floor = patch_noise_floor(images, patch, smallest).numpy()
-    flagged, z = noise_outliers(floor, labels)
+    flagged, z = noise_outliers(floor, labels, group_cut=group_cut)
     screen_seconds = time.perf_counter() - t1
     classes = np.unique(labels[is_poison])
     clean_same = ~is_poison & np.isin(labels, classes)
@@ -106,11 +106,13 @@ def one_row(data: str, attack_name: str, seed: int, train, test, surrogate, patc
             "poison_z_min": float(z[is_poison].min()) if is_poison.any() else None,
             "poison_z_median": float(np.median(z[is_poison])) if is_poison.any() else None,
             "attack_objective_final": min(poisons.params.get("restart_losses") or [float("nan")]),
-            "threshold": THRESHOLD, "patch": patch, "smallest": smallest, "craft_seconds": craft_seconds,
+            "threshold": THRESHOLD, "group_cut": group_cut, "patch": patch, "smallest": smallest,
+            "craft_seconds": craft_seconds,
             "screen_seconds": screen_seconds}
 
 
-def saved_set_row(path: Path, train: ImageTensorDataset, patch: int, smallest: int) -> dict[str, Any]:
+def saved_set_row(path: Path, train: ImageTensorDataset, patch: int, smallest: int,
+                  group_cut: float | None = GROUP_CUT) -> dict[str, Any]:
     """The screen on a saved poison set of the from-scratch benchmark (full CIFAR-10 training set)."""
     from sklearn.metrics import roc_auc_score
 
@@ -126,7 +128,7 @@ def saved_set_row(path: Path, train: ImageTensorDataset, patch: int, smallest: i
     is_poison[idx.numpy()] = True
     t0 = time.perf_counter()
     floor = torch.cat([patch_noise_floor(images[i:i + 2000], patch, smallest) for i in range(0, len(images), 2000)])
-    flagged, z = noise_outliers(floor.numpy(), labels)
+    flagged, z = noise_outliers(floor.numpy(), labels, group_cut=group_cut)
     clean_same = ~is_poison & (labels == poisons.adversarial_class)
     eps = round(255 * float(poisons.params.get("eps", 0)))
     return {"data": "cifar10-full", "attack": f"{poisons.attack}-{eps}", "registered": poisons.attack,
@@ -137,7 +139,8 @@ def saved_set_row(path: Path, train: ImageTensorDataset, patch: int, smallest: i
             "auroc_in_class": float(roc_auc_score(np.r_[np.ones(is_poison.sum()), np.zeros(clean_same.sum())],
                                                   np.r_[z[is_poison], z[clean_same]])),
             "poison_z_min": float(z[is_poison].min()), "poison_z_median": float(np.median(z[is_poison])),
-            "threshold": THRESHOLD, "patch": patch, "smallest": smallest, "craft_seconds": None,
+            "threshold": THRESHOLD, "group_cut": group_cut, "patch": patch, "smallest": smallest,
+            "craft_seconds": None,
             "screen_seconds": time.perf_counter() - t0}
 
 
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--patch", type=int, default=PATCH, help="patch side (the library default unless tuning)")
     parser.add_argument("--smallest", type=int, default=SMALLEST, help="eigenvalues averaged (library default)")
+    parser.add_argument("--group-cut", type=float, default=GROUP_CUT if GROUP_CUT is not None else -1,
+                        help="the cut in a class that stands out (library default; < 0: off)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", type=Path, help="print the Markdown table of a results file and exit")
     parser.add_argument("--saved", nargs="+", type=Path, help="score saved poison sets of the from-scratch "
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         train = load_cifar10(args.data_root, train=True)
         out = args.out or Path("benchmarks/results/noise_screen_scratch_full.jsonl")
         for path in args.saved:
-            row = saved_set_row(path, train, args.patch, args.smallest)
+            row = saved_set_row(path, train, args.patch, args.smallest, None if args.group_cut < 0 else args.group_cut)
             with out.open("a") as f:
                 f.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
         print(summary(out))
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         model = make_model("cnn", train.num_classes, channels, 16)
         surrogate = train_surrogate(train, model, epochs=12 if args.data == "digits" else 8, lr=0.05, seed=seed)
         for attack_name in todo:
-            row = one_row(args.data, attack_name, seed, train, test, surrogate, args.patch, args.smallest)
+            row = one_row(args.data, attack_name, seed, train, test, surrogate, args.patch, args.smallest,
+                          None if args.group_cut < 0 else args.group_cut)
             row.update(machine=platform.machine(), threads=args.threads, date=time.strftime("%Y-%m-%d"))
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader, Dataset
 from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
 from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
-from sanitizer.noise_screen import PATCH, SMALLEST, gradient_rounds, image_dataset_noise_floor, noise_outliers
+from sanitizer.noise_screen import (
+    GROUP_CUT,
+    PATCH,
+    SMALLEST,
+    attacked_classes,
+    gradient_rounds,
+    image_dataset_noise_floor,
+    noise_outliers,
+)
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
@@ -424,6 +432,8 @@ class Sanitizer:
                 log("[sanitizer] noise screen: the inputs are not float image tensors; not screened")
             return None
         flagged, z = noise_outliers(floor, self.labels, self.policy.screen_threshold)
+        attacked = (attacked_classes(z, self.labels, GROUP_CUT, self.policy.screen_threshold)
+                    if GROUP_CUT is not None else [])
         if self._sharded():  # every rank computed the same; rank 0's decision everywhere all the same
             flagged = broadcast_mask(flagged)
         t1 = time.perf_counter()
@@ -437,12 +447,14 @@ class Sanitizer:
         record = self._record(epoch, candidates, dropped_now, z[candidates], t1 - t0, 0.0)
         record.update(kind="screen", policy="noise_screen", embedding="input_noise",
                       screen={"threshold": self.policy.screen_threshold, "flagged": int(len(would_drop)),
-                              "patch": PATCH, "smallest": SMALLEST})
+                              "patch": PATCH, "smallest": SMALLEST, "group_cut": GROUP_CUT,
+                              "classes_cut_lower": attacked})
         self.history.append(record)
         if self.verbose and is_main_process():
             what = "would drop" if self.audit else "dropped"
+            group = f"; class(es) {attacked} hold a group of them (cut at z > {GROUP_CUT})" if attacked else ""
             log(f"[sanitizer] noise screen at epoch {epoch}: {what} {len(would_drop)} images with an abnormal "
-                f"noise floor for their class ({t1 - t0:.1f}s)")
+                f"noise floor for their class{group} ({t1 - t0:.1f}s)")
         return record
 
     def _check_leaves_examples(self, epoch: int, dropped_now: np.ndarray) -> None:

@@ -42,6 +42,9 @@ from sanitizer.errors import SanitizerError
 # the estimate keeps flat images (all eigenvalues 0) from becoming extreme low outliers.
 QUANTISATION_FLOOR = (1 / 255) ** 2 / 12
 THRESHOLD = 3.5
+# Poisons come in groups: in a class whose count above z = 2.5 is an outlier among the classes, the cut
+# drops to 2.5 (benchmarks/RESULTS.md, "a class-level cut"); None turns this off
+GROUP_CUT: float | None = 2.5
 PATCH, SMALLEST = 3, 1  # 3×3×C patches, the smallest eigenvalue (benchmarks/RESULTS.md, "noise screen")
 
 
@@ -87,9 +90,15 @@ def noise_floor_of(x: torch.Tensor, patch: int = PATCH, smallest: int = SMALLEST
 
 
 def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                   threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+                   threshold: float = THRESHOLD, group_cut: float | None = GROUP_CUT
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(flagged bool [N], z float [N]): robust z of log(noise floor) within each class, flagged above
-    ``threshold``. Classes with fewer than 3 examples get z = 0 (no reference to compare with)."""
+    ``threshold``. Classes with fewer than 3 examples get z = 0 (no reference to compare with).
+
+    ``group_cut``: poisons come in groups, so a class whose count of
+    examples above ``group_cut`` is an outlier among the classes' counts (robust z > ``threshold``
+    against the other classes' median and MAD, with a Poisson floor on the scale) is flagged above
+    ``group_cut`` instead of ``threshold``."""
     log_floor = np.log(np.asarray(floor, dtype=np.float64))
     labels = np.asarray(labels)
     z = np.zeros(len(log_floor))
@@ -97,7 +106,39 @@ def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.
         members = np.flatnonzero(labels == c)
         if len(members) >= 3:
             z[members] = robust_zscore(log_floor[members])
-    return z > threshold, z
+    cut = np.full(len(z), threshold)
+    if group_cut is not None:
+        for c in attacked_classes(z, labels, group_cut, threshold):
+            cut[labels == c] = group_cut
+    return z > cut, z
+
+
+def attacked_classes(z: np.ndarray, labels: np.ndarray, cut: float, threshold: float,
+                     alpha: float = 1e-4) -> list[int]:
+    """Classes whose share of examples with z > ``cut`` stands out among the classes. Two tests, both
+    required: a robust z across the classes' shares above ``threshold`` (the classes' tails vary more
+    than chance allows, so compare with how much they really vary) and a Poisson tail probability of
+    the class's count below ``alpha`` / number of classes at the other classes' pooled share (small
+    classes: a handful of examples above the cut is chance)."""
+    from scipy.stats import poisson
+
+    classes = np.unique(labels)
+    if len(classes) < 3:
+        return []
+    sizes = np.array([(labels == c).sum() for c in classes])
+    counts = np.array([(z[labels == c] > cut).sum() for c in classes])
+    rates = counts / sizes
+    out = []
+    for i, c in enumerate(classes):
+        others = np.delete(rates, i)
+        med = np.median(others)
+        spread = 1.4826 * np.median(np.abs(others - med))
+        stands_out = rates[i] > med and (spread == 0 or (rates[i] - med) / spread > threshold)
+        pooled = np.delete(counts, i).sum() / np.delete(sizes, i).sum()
+        expected = max(pooled, 1 / sizes.sum()) * sizes[i]
+        if stands_out and poisson.sf(counts[i] - 1, expected) < alpha / len(classes):
+            out.append(int(c))
+    return out
 
 
 def dataset_noise_floor(batches: Callable[[], object], size: int, patch: int = PATCH, smallest: int = SMALLEST,

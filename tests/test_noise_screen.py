@@ -134,3 +134,25 @@ def test_screen_dataset_lets_feature_training_be_screened_on_its_images():
     assert set(planted) <= set(san.dropped.tolist())
     with pytest.raises(SanitizerError, match="screen_dataset has 10 examples"):
         Sanitizer(head, features, screen_dataset=torch.utils.data.Subset(ds, range(10)), epochs=6)
+
+
+def test_a_class_holding_a_group_of_mildly_noisy_images_gets_the_lower_cut():
+    """Poisons come in groups: a class whose tail (z > 2.5) is an outlier among the classes' tails is
+    cut at 2.5; the other classes keep 3.5."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 500)
+    log_floor = rng.normal(0, 1, len(labels))
+    group = np.flatnonzero(labels == 3)[:50]
+    log_floor[group] = rng.uniform(3.3, 3.9, 50)
+    floor = np.exp(log_floor)
+    fixed, _ = noise_outliers(floor, labels, group_cut=None)
+    grouped, z = noise_outliers(floor, labels)
+    assert (z[group] > 2.5).all() and (z[group] < 3.5).all()  # above the class's bulk, below the usual cut
+    assert fixed[group].sum() == 0 and grouped[group].all()
+    others = labels != 3
+    assert (grouped[others] == fixed[others]).all()  # the other classes keep the usual cut
+    clean_3 = (labels == 3) & ~np.isin(np.arange(len(labels)), group)
+    assert grouped[clean_3].mean() <= 0.02  # at most 2 % of the class's clean examples
+    # no group: the tails are alike and nobody gets the lower cut
+    plain = np.exp(rng.normal(0, 1, len(labels)))
+    assert (noise_outliers(plain, labels)[0] == noise_outliers(plain, labels, group_cut=None)[0]).all()
