@@ -19,10 +19,9 @@ from sanitizer.noise_screen import (
     GROUP_CUT,
     PATCH,
     SMALLEST,
-    attacked_classes,
     gradient_rounds,
     image_dataset_noise_floor,
-    noise_outliers,
+    screen_decision,
 )
 from sanitizer.policies import Policy, make_policy
 from sanitizer.progress import log
@@ -431,10 +430,8 @@ class Sanitizer:
             if self.verbose and is_main_process():
                 log("[sanitizer] noise screen: the inputs are not float image tensors; not screened")
             return None
-        flagged, z = noise_outliers(floor, self.labels, self.policy.screen_threshold)
-        attacked = (attacked_classes(z, self.labels, GROUP_CUT, self.policy.screen_threshold)
-                    if GROUP_CUT is not None else [])
-        if self._sharded():  # every rank computed the same; rank 0's decision everywhere all the same
+        flagged, z, attacked = screen_decision(floor, self.labels, self.policy.screen_threshold)
+        if self._sharded():  # every rank computed the same; take rank 0's mask anyway, as rounds do
             flagged = broadcast_mask(flagged)
         t1 = time.perf_counter()
         would_drop = candidates[flagged[candidates]]

@@ -95,10 +95,17 @@ def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.
     """(flagged bool [N], z float [N]): robust z of log(noise floor) within each class, flagged above
     ``threshold``. Classes with fewer than 3 examples get z = 0 (no reference to compare with).
 
-    ``group_cut``: poisons come in groups, so a class whose count of
-    examples above ``group_cut`` is an outlier among the classes' counts (robust z > ``threshold``
-    against the other classes' median and MAD, with a Poisson floor on the scale) is flagged above
-    ``group_cut`` instead of ``threshold``."""
+    ``group_cut``: poisons come in groups, so a class whose count of examples above ``group_cut`` is an
+    outlier among the classes' counts (:func:`attacked_classes`) is flagged above ``group_cut``
+    instead of ``threshold``."""
+    flagged, z, _ = screen_decision(floor, labels, threshold, group_cut)
+    return flagged, z
+
+
+def screen_decision(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                    threshold: float = THRESHOLD, group_cut: float | None = GROUP_CUT
+                    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """:func:`noise_outliers` plus the classes that got the lower cut."""
     log_floor = np.log(np.asarray(floor, dtype=np.float64))
     labels = np.asarray(labels)
     z = np.zeros(len(log_floor))
@@ -106,11 +113,9 @@ def noise_outliers(floor: np.ndarray | torch.Tensor, labels: np.ndarray | torch.
         members = np.flatnonzero(labels == c)
         if len(members) >= 3:
             z[members] = robust_zscore(log_floor[members])
-    cut = np.full(len(z), threshold)
-    if group_cut is not None:
-        for c in attacked_classes(z, labels, group_cut, threshold):
-            cut[labels == c] = group_cut
-    return z > cut, z
+    attacked = attacked_classes(z, labels, group_cut, threshold) if group_cut is not None else []
+    cut = np.where(np.isin(labels, attacked), group_cut if attacked else threshold, threshold)
+    return z > cut, z, attacked
 
 
 def attacked_classes(z: np.ndarray, labels: np.ndarray, cut: float, threshold: float,
