@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.poisoning import parse_defense
 from sanitizer import Sanitizer
 from sanitizer.attacks import make_attack
 from sanitizer.attacks.triggers import evaluate_backdoor
@@ -68,6 +69,9 @@ def defense_options(name: str) -> dict[str, Any] | None:
         return options
     if name in ("cleanlab", "epic-0.1"):
         return {"policy": name}
+    if ":" in name:  # "density:max_fraction=0.2": a policy with options, written as the poisoning harness does
+        policy, options = parse_defense(name)
+        return {"policy": policy, "policy_options": options}
     raise SystemExit(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}, density2s-drop")
 
 

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
-from sanitizer.embeddings import gradient_embeddings
+from sanitizer.embeddings import embed_outputs, gradient_embeddings, last_linear_of
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
+from sanitizer.harvest import Harvester
 from sanitizer.noise_screen import (
     GROUP_CUT,
     PATCH,
@@ -34,6 +35,7 @@ STATE_KEYS = ("version", "size", "keep", "history", "epoch", "seed", "policy")
 # drop: flagged examples leave the training set; unlearn: they also get gradient ascent until the
 # model is at chance on them (sanitizer.unlearn), undoing what they already taught it.
 ACTIONS = ("drop", "unlearn")
+HARVESTABLE = ("last_layer", "logits", "features")  # embeddings computable from the last layer's input and output
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -195,6 +197,10 @@ class Sanitizer:
         audit, audit_policies: score without dropping; also score these policies each round.
         screen_dataset: the images the input-noise screen reads, when the training data are not images
             (e.g. features precomputed by a frozen backbone); the same examples in the same order.
+        harvest: take each example's last-layer input and logits from the training steps of the epoch
+            before a round instead of a separate pass over the data (:mod:`sanitizer.harvest`): rounds
+            cost almost nothing. Needs the sanitizer's sampler (``wrap`` / ``sampler``) and one
+            training forward per batch; embeddings ``last_layer``, ``logits`` and ``features``.
         check: embed one example at construction so that problems surface before training.
         action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
             until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
@@ -244,6 +250,7 @@ class Sanitizer:
         unlearn_options: dict[str, Any] | None = None,
         to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
         screen_dataset: Dataset | None = None,
+        harvest: bool = False,
     ) -> None:
         if epochs is None and warmup is None:
             warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
@@ -308,8 +315,16 @@ class Sanitizer:
         self.epochs = epochs
         # held weakly: a loader dropped by the user frees its sampler (wrap() every epoch does not grow this)
         self._samplers = SamplerRegistry()
+        self.harvester: Harvester | None = None
+        if harvest:
+            if self.embedding not in HARVESTABLE:
+                raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
+                                     f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
+            self.harvester = Harvester(self.size)
         if check:
             self._check_model_and_data()
+        if self.harvester is not None:
+            self.harvester.attach(self._last_linear())
 
     # -- checks at construction (fail before training, not at the first round) -----------------------
     def _check_model_and_data(self) -> None:
@@ -398,6 +413,8 @@ class Sanitizer:
             self.last_embeddings = np.full((self.size, emb.shape[1]), np.nan, dtype=np.float32)
             self.last_embeddings[candidates] = emb.numpy()
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
+        if self.harvester is not None:
+            record["harvest"] = getattr(self, "_harvest_counts", None)
         if audit is not None:
             record["audit"] = audit
         if self.action == "unlearn" and len(dropped_now):
@@ -569,6 +586,8 @@ class Sanitizer:
 
     def _embed(self, candidates: np.ndarray, kind: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
+        if self.harvester is not None and not self._sharded() and (kind or self.embedding) in HARVESTABLE:
+            return self._embed_harvested(candidates, kind or self.embedding)
         if self._sharded():
             return gather_embeddings(rows, candidates)
         emb = rows(candidates)
@@ -579,6 +598,29 @@ class Sanitizer:
                                    batch_size=self.batch_size, device=self.device, last_layer=self.last_layer,
                                    max_dim=self.max_dim, seed=self.seed, indices=indices,
                                    num_classes=self.num_classes, collate_fn=self.embed_collate)
+
+    def _embed_harvested(self, candidates: np.ndarray, kind: str) -> torch.Tensor:
+        """Rows from the last epoch's training steps; a pass only for the candidates it did not see."""
+        h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
+        self._harvest_counts = {"harvested": int(have.sum()), "embedded": int((~have).sum()),
+                                "off": self.harvester.broken}
+        if not have.any():
+            return self._embed_rows(candidates, kind)
+        y = torch.from_numpy(self.labels[candidates[have]])
+        emb, _ = embed_outputs(z, y, h, kind, self.num_classes, self.max_dim, self.seed)
+        if have.all():
+            return emb
+        out = torch.empty(len(candidates), emb.shape[1], dtype=emb.dtype)
+        out[torch.from_numpy(have)] = emb
+        out[torch.from_numpy(~have)] = self._embed_rows(candidates[~have], kind).to(emb.dtype)
+        return out
+
+    def _last_linear(self) -> nn.Linear:
+        """The layer whose input and output harvest mode captures (found on one example when not given)."""
+        if self.last_layer is None:
+            self.last_layer = last_linear_of(unwrap_model(self.model), self.embed_dataset, self.num_classes,
+                                             self.embed_collate)
+        return self.last_layer
 
     def _record(self, epoch, candidates, dropped_now, scores, t_embed, t_select) -> RoundRecord:
         labels = self.labels[candidates]
@@ -608,6 +650,8 @@ class Sanitizer:
         (``length``: a fixed epoch length, see :class:`~sanitizer.sampler.KeepSampler`)."""
         s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last,
                         length)
+        if self.harvester is not None:
+            s.on_order = self.harvester.start_order
         s.set_epoch(max(self.epoch, 0))
         # without its own seed it follows the sanitizer's, also when load_state_dict adopts another one
         return self._samplers.add(s, follows_seed=seed is None)

@@ -286,15 +286,7 @@ def gradient_embeddings(
                 captured.clear()
                 output = _call(model, x)  # fills captured through the hook
                 z = logits_of(output, hint, captured.get("z"))
-                emb = _embed_batch(z, y, captured.get("h"), kind, num_classes, dtype)
-                if kind == "last_layer":
-                    h1 = torch.cat([emb[1], torch.ones(len(y), 1, device=dev, dtype=emb[1].dtype)], 1)
-                    if z.shape[1] * h1.shape[1] <= max_dim:
-                        emb = (emb[0][:, :, None] * h1[:, None, :]).reshape(len(y), -1)
-                    else:
-                        if sketch is None:
-                            sketch = KroneckerSketch(z.shape[1], h1.shape[1], max_dim, seed, dev, emb[0].dtype)
-                        emb = sketch(emb[0], h1)
+                emb, sketch = embed_outputs(z, y, captured.get("h"), kind, num_classes, max_dim, seed, dtype, sketch)
                 if out is None:
                     out = torch.empty(rows, emb.shape[1], dtype=dtype)
                 out[done:done + len(emb)] = emb.to("cpu", dtype)
@@ -335,6 +327,33 @@ def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind:
     work = torch.float64 if torch.float64 in (z.dtype, dtype) else torch.float32
     e = torch.softmax(z.to(work), 1) - F.one_hot(y, c).to(work)
     return e if kind == "logits" else (e, h.to(work))
+
+
+def last_linear_of(model: nn.Module, dataset: Dataset, num_classes: int | None = None,
+                   collate_fn: Callable | None = None) -> nn.Linear:
+    """The last linear layer of ``model`` (:func:`find_last_linear`), found on the first examples of ``dataset``."""
+    x, _ = next(iterate_batches(dataset, 2, np.arange(min(2, len(dataset))), collate_fn=collate_fn))
+    dev = model_device(model)
+    with _EvalMode(model), torch.no_grad():
+        return find_last_linear(model, _to_device(x, dev), num_classes)
+
+
+def embed_outputs(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind: str, num_classes: int | None,
+                  max_dim: int, seed: int, dtype: torch.dtype = torch.float32,
+                  sketch: KroneckerSketch | None = None) -> tuple[torch.Tensor, KroneckerSketch | None]:
+    """The ``kind`` embedding of a batch from the last linear layer's output ``z`` and input ``h``
+    (what a forward pass, or a harvested training step, produced), and the sketch used (pass it back
+    in for the next batch so that every row is projected the same way)."""
+    emb = _embed_batch(z, y, h, kind, num_classes, dtype)
+    if kind != "last_layer":
+        return emb, sketch
+    e, h = emb
+    h1 = torch.cat([h, torch.ones(len(y), 1, device=h.device, dtype=h.dtype)], 1)
+    if z.shape[1] * h1.shape[1] <= max_dim:
+        return (e[:, :, None] * h1[:, None, :]).reshape(len(y), -1), sketch
+    if sketch is None:
+        sketch = KroneckerSketch(z.shape[1], h1.shape[1], max_dim, seed, h.device, e.dtype)
+    return sketch(e, h1), sketch
 
 
 def _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, params, num_classes, dtype,

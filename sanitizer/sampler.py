@@ -46,6 +46,8 @@ class KeepSampler(Sampler[int]):
         self.rank = rank
         self.drop_last = drop_last
         self.epoch = 0
+        # called with (this process's indices, epoch) each time an epoch's iteration starts (harvest mode)
+        self.on_order: Callable[[np.ndarray, int], None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,7 +70,10 @@ class KeepSampler(Sampler[int]):
         return kept
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._all_indices()[self.rank::self.num_replicas].tolist())
+        order = self._all_indices()[self.rank::self.num_replicas]
+        if self.on_order is not None:
+            self.on_order(order, self.epoch)
+        return iter(order.tolist())
 
     def __len__(self) -> int:
         n = int(self.keep_mask().sum()) if self.length is None else self.length

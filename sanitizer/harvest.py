@@ -1,0 +1,119 @@
+"""Harvest mode: take each example's last-layer input and output from the training step itself.
+
+The last-layer gradient embedding (softmax(z) − onehot(y)) ⊗ [h; 1] needs only the logits ``z`` and
+the penultimate features ``h`` of an example, and the training forward pass computes both. A
+:class:`Harvester` keeps them (a forward hook on the last linear layer, active only in train mode
+with gradients on) and keys them by dataset index through the order in which the sanitizer's sampler
+yielded the epoch's indices. A round then embeds from what the last epoch harvested and needs no
+pass of its own over the data.
+
+What changes against a separate pass (``benchmarks/harvest_study.py`` measures it): the rows come from
+the augmented views the model trained on, in train mode (BatchNorm batch statistics, dropout), and
+from different moments of the epoch rather than one model. The rows of one epoch are matched to the
+sampler's order by position, which holds when the training loop makes exactly one training forward per
+batch, in the loader's order. When more rows arrive than the sampler yielded (a second forward per
+batch, gradient checkpointing, two training loaders), the harvester stops trusting the match: it
+warns and every later round falls back to a separate pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Harvester:
+    """Keeps, per dataset index, the last linear layer's input ``h`` and output ``z`` from the latest
+    training step that saw the example.
+
+    Example:
+        >>> harvester = Harvester(size=len(train_set))               # doctest: +SKIP
+        >>> harvester.attach(model.fc)                                # doctest: +SKIP
+        >>> harvester.start_order(np.array(list(sampler)), epoch=0)  # the sampler does this itself
+        >>> ...train one epoch...                                     # doctest: +SKIP
+        >>> h, z, have = harvester.rows(np.arange(len(train_set)))    # doctest: +SKIP
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.h: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
+        self.seen_epoch = np.full(self.size, -1, dtype=np.int64)
+        self.broken: str | None = None  # why harvested rows can no longer be trusted
+        self._order: np.ndarray | None = None
+        self._epoch = -1
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handle = None
+
+    # -- capture ----------------------------------------------------------------------------------
+    def attach(self, layer: nn.Linear) -> None:
+        """Start capturing the training forwards of ``layer`` (idempotent)."""
+        if self._handle is None:
+            self._handle = layer.register_forward_hook(self._capture)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not module.training or not torch.is_grad_enabled() or self.broken or self._order is None:
+            return
+        h = inputs[0]
+        if h.ndim != 2 or output.ndim != 2:
+            self._break(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
+            return
+        self._buffer.append((h.detach().float().cpu(), output.detach().float().cpu()))
+
+    def start_order(self, order: np.ndarray, epoch: int) -> None:
+        """The sampler is starting to yield ``order`` (this process's indices of ``epoch``): file the
+        rows captured under the previous order, then match the coming rows against this one."""
+        self.flush()
+        self._order = np.asarray(order, dtype=np.int64)
+        self._epoch = int(epoch)
+
+    def flush(self) -> None:
+        """Store the buffered rows under the indices of the current order, by position."""
+        if not self._buffer:
+            return
+        h = torch.cat([b[0] for b in self._buffer])
+        z = torch.cat([b[1] for b in self._buffer])
+        self._buffer.clear()
+        if self.broken or self._order is None:
+            return
+        if len(h) > len(self._order):
+            self._break(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
+                        "indices (more than one training forward per batch, or a second training loader?)")
+            return
+        if self.h is None:
+            self.h = torch.zeros(self.size, h.shape[1])
+            self.z = torch.zeros(self.size, z.shape[1])
+        index = torch.from_numpy(self._order[:len(h)])
+        self.h[index] = h
+        self.z[index] = z
+        self.seen_epoch[self._order[:len(h)]] = self._epoch
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        self._buffer.clear()
+        warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate pass "
+                      "instead (correct, but slower).", stacklevel=3)
+
+    # -- read ---------------------------------------------------------------------------------------
+    def rows(self, indices: np.ndarray, since_epoch: int = -1) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """``(h, z, have)`` for ``indices``: the harvested rows of the indices captured at or after
+        ``since_epoch`` (``have`` marks them, in the order of ``indices``)."""
+        self.flush()
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.broken or self.h is None:
+            return torch.zeros(0), torch.zeros(0), np.zeros(len(indices), dtype=bool)
+        have = self.seen_epoch[indices] >= max(since_epoch, 0)
+        take = torch.from_numpy(indices[have])
+        return self.h[take], self.z[take], have
+
+    def state(self) -> dict:
+        """A summary for the round's record."""
+        return {"broken": self.broken, "harvested": int((self.seen_epoch >= 0).sum())}

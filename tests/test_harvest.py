@@ -1,0 +1,108 @@
+"""Harvest mode: rounds embed from the training steps, keyed by index through the sampler's order."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sanitizer import Sanitizer
+from sanitizer.embeddings import gradient_embeddings
+from sanitizer.errors import SanitizerError
+
+
+def mlp_and_data(n=90, seed=0):
+    """An MLP without BatchNorm or dropout: in train mode it computes what it computes in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    y = torch.arange(n) % 3
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, TensorDataset(x, y)
+
+
+def frozen_epochs(model, loader, sanitizer, epochs, forwards_per_batch=1):
+    """A plain training loop whose steps leave the weights unchanged (lr 0): harvested rows must then
+    equal a separate pass exactly, which pins down the index matching."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for epoch in range(epochs):
+        sanitizer.start_epoch(epoch)
+        model.train()
+        for x, y in loader:
+            for _ in range(forwards_per_batch):
+                loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+@pytest.mark.parametrize("kind", ["last_layer", "logits", "features"])
+def test_harvested_round_equals_a_separate_pass_when_the_model_does_not_move(kind):
+    model, data = mlp_and_data()
+    captured = {}
+    sanitizer = Sanitizer(model, data, policy="none", embedding=kind, warmup=2, every=1, harvest=True, verbose=False,
+                          round_hooks=[lambda s, e, cand, emb, sel: captured.update({e: (cand, emb.clone())})])
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    frozen_epochs(model, loader, sanitizer, epochs=3)
+    candidates, emb = captured[2]
+    expected = gradient_embeddings(model, data, kind=kind, indices=candidates)
+    assert torch.allclose(emb, expected, atol=1e-5)
+    assert sanitizer.history[-1]["harvest"] == {"harvested": len(data), "embedded": 0, "off": None}
+
+
+def test_rows_the_last_epoch_did_not_see_are_embedded_by_a_pass():
+    model, data = mlp_and_data(n=90)
+    captured = {}
+    sanitizer = Sanitizer(model, data, policy="none", warmup=1, every=1, harvest=True, verbose=False,
+                          round_hooks=[lambda s, e, cand, emb, sel: captured.update({e: (cand, emb.clone())})])
+    loader = sanitizer.wrap(DataLoader(data, batch_size=20, shuffle=True, drop_last=True))  # 10 rows never seen
+    frozen_epochs(model, loader, sanitizer, epochs=2)
+    candidates, emb = captured[1]
+    assert torch.allclose(emb, gradient_embeddings(model, data, indices=candidates), atol=1e-5)
+    assert sanitizer.history[-1]["harvest"] == {"harvested": 80, "embedded": 10, "off": None}
+
+
+def test_two_forwards_per_batch_turn_harvest_off_with_a_warning_and_rounds_still_correct():
+    model, data = mlp_and_data()
+    captured = {}
+    sanitizer = Sanitizer(model, data, policy="none", warmup=1, every=1, harvest=True, verbose=False,
+                          round_hooks=[lambda s, e, cand, emb, sel: captured.update({e: (cand, emb.clone())})])
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    with pytest.warns(UserWarning, match="harvest mode is off"):
+        frozen_epochs(model, loader, sanitizer, epochs=2, forwards_per_batch=2)
+    candidates, emb = captured[1]
+    assert torch.allclose(emb, gradient_embeddings(model, data, indices=candidates), atol=1e-5)
+    assert sanitizer.history[-1]["harvest"]["off"] is not None
+    assert sanitizer.history[-1]["harvest"]["harvested"] == 0
+
+
+def test_eval_forwards_and_no_grad_forwards_are_not_harvested():
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=1, every=1, harvest=True, verbose=False)
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    sanitizer.start_epoch(0)
+    model.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    model.eval()
+    for x, _ in loader:
+        model(x)
+    assert sanitizer.harvester.state()["harvested"] == 0
+    assert sanitizer.harvester.broken is None
+
+
+def test_harvest_refuses_the_params_embedding():
+    model, data = mlp_and_data()
+    with pytest.raises(SanitizerError, match="harvest=True works with"):
+        Sanitizer(model, data, embedding="params", harvest=True, epochs=3, verbose=False)
+
+
+def test_harvested_rows_follow_the_latest_epoch():
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=5, every=1, harvest=True, verbose=False)
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    frozen_epochs(model, loader, sanitizer, epochs=3)
+    h, z, have = sanitizer.harvester.rows(np.arange(len(data)), since_epoch=2)
+    assert have.all() and h.shape == (len(data), 8) and z.shape == (len(data), 3)
+    assert np.all(sanitizer.harvester.seen_epoch == 2)
