@@ -57,7 +57,7 @@ ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
 PURIFIERS = ("jpeg", "friendly_noise")
 SCHEDULE_KEYS = ("warmup", "every", "stop_epoch")
 # options of the Sanitizer, not of the policy: density:action=unlearn:unlearn_lr=0.01
-SANITIZER_KEYS = ("embedding", "action", "unlearn_lr", "unlearn_passes")
+SANITIZER_KEYS = ("embedding", "action", "unlearn_lr", "unlearn_passes", "harvest")
 NEVER = 10**9
 
 
@@ -104,7 +104,8 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
 def sanitizer_options(spec: str, preset: Preset) -> dict[str, Any]:
     """The Sanitizer keywords a defense spec sets (embedding, action and the unlearning options)."""
     options = parse_defense(spec, preset)[1]
-    out: dict[str, Any] = {"embedding": options.get("embedding"), "action": options.get("action", "drop")}
+    out: dict[str, Any] = {"embedding": options.get("embedding"), "action": options.get("action", "drop"),
+                           "harvest": bool(options.get("harvest", False))}
     unlearn = {key: options[f"unlearn_{key}"] for key in ("lr", "passes") if f"unlearn_{key}" in options}
     if "passes" in unlearn:
         unlearn["max_passes"] = unlearn.pop("passes")
@@ -310,13 +311,28 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
 
 def score_diagnostics(is_poison: np.ndarray, adversarial_class: int):
     """A round hook recording how the policy's scores separate the poisons (for tuning runs)."""
-    def hook(sanitizer, epoch, candidates, emb, selection):
-        scores, poison = selection.scores, is_poison[candidates]
-        in_adv = sanitizer.labels[candidates] == adversarial_class
+    def separation(scores: np.ndarray, poison: np.ndarray, in_adv: np.ndarray) -> dict[str, Any]:
         return {"auroc_all": auroc(scores[poison], scores[~poison]),
                 "auroc_in_class": auroc(scores[poison & in_adv], scores[~poison & in_adv]),
                 "poison_score_median": float(np.median(scores[poison])) if poison.any() else None,
                 "clean_score_p95": float(np.percentile(scores[~poison], 95))}
+
+    def hook(sanitizer, epoch, candidates, emb, selection):
+        poison = is_poison[candidates]
+        in_adv = sanitizer.labels[candidates] == adversarial_class
+        out = separation(selection.scores, poison, in_adv)
+        if sanitizer.harvester is not None:  # harvest mode: the same round scored on a separate pass, paired
+            t0 = time.perf_counter()
+            labels = sanitizer.labels[candidates]
+            passed = sanitizer.policy.select(sanitizer._embed_rows(candidates), labels,
+                                             num_classes=sanitizer.num_classes, seed=sanitizer._round_seed(epoch))
+            both = (~passed.keep & ~selection.keep).sum()
+            either = (~passed.keep | ~selection.keep).sum()
+            out["separate_pass"] = {**separation(passed.scores, poison, in_adv),
+                                    "would_drop": int((~passed.keep).sum()),
+                                    "drop_jaccard": float(both / either) if either else None,
+                                    "seconds": time.perf_counter() - t0}
+        return out
     return hook
 
 

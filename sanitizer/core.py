@@ -588,6 +588,9 @@ class Sanitizer:
         rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
         if self.harvester is not None and not self._sharded() and (kind or self.embedding) in HARVESTABLE:
             return self._embed_harvested(candidates, kind or self.embedding)
+        if self.harvester is not None:  # each rank harvested only its shard: the sharded pass is used instead
+            self._harvest_counts = {"harvested": 0, "embedded": int(len(candidates)),
+                                    "off": "distributed run (rounds use the sharded pass)"}
         if self._sharded():
             return gather_embeddings(rows, candidates)
         emb = rows(candidates)

@@ -240,3 +240,16 @@ def test_each_round_reaches_the_log_history(tmp_path):
     expected = [(pytest.approx(r["epoch"]), len(r["dropped_now"]), r["dropped_total"]) for r in sanitizer.history]
     assert len(expected) == 2 and expected[0][1] > 0
     assert logged == expected
+
+
+def test_harvest_mode_embeds_rounds_from_the_training_steps(tmp_path):
+    images, labels, planted = planted_blobs()
+    dataset = DictImages(images, labels)
+    torch.manual_seed(0)
+    model = TinyImageClassifier()
+    sanitizer = Sanitizer(model, dataset, warmup=2, every=1, seed=0, verbose=False, harvest=True)
+    SanitizedTrainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=dataset,
+                     sanitizer=sanitizer).train()
+    assert [r["epoch"] for r in sanitizer.history] == [2, 3]
+    assert all(r["harvest"]["off"] is None and r["harvest"]["harvested"] == r["candidates"] for r in sanitizer.history)
+    assert set(planted) <= set(sanitizer.dropped.tolist())

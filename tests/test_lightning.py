@@ -184,3 +184,37 @@ def test_each_round_reaches_the_logger(tmp_path):
     assert [e for e, _, _ in expected] == [1, 3] and expected[0][1] > 0
     assert logged == expected
     assert trainer.callback_metrics["sanitizer/dropped_total"] == len(sanitizer.dropped)
+
+
+
+class FrozenLit(LitClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_harvest_mode_matches_rows_to_indices_under_lightning(tmp_path):
+    """With weights that do not move, the harvested round must equal a separate pass exactly."""
+    from sanitizer.embeddings import gradient_embeddings
+
+    dataset, _ = planted_dataset()
+    model = FrozenLit()
+    captured = {}
+    sanitizer = Sanitizer(model, dataset, policy="none", warmup=1, every=2, seed=0, harvest=True, verbose=False,
+                          round_hooks=[lambda s, e, cand, emb, sel: captured.update({e: (cand, emb.clone())})])
+    callback = SanitizerCallback(sanitizer)
+    loader = callback.wrap(DataLoader(dataset, batch_size=32, shuffle=True))
+    _trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(model, train_dataloaders=loader)
+    candidates, emb = captured[1]
+    assert sanitizer.history[-1]["harvest"] == {"harvested": len(dataset), "embedded": 0, "off": None}
+    assert torch.allclose(emb, gradient_embeddings(model, dataset, indices=candidates), atol=1e-5)
+
+
+def test_harvest_mode_drops_the_planted_points(tmp_path):
+    dataset, planted = planted_dataset()
+    model = LitClassifier()
+    sanitizer = Sanitizer(model, dataset, warmup=2, every=2, seed=0, harvest=True)
+    callback = SanitizerCallback(sanitizer)
+    loader = callback.wrap(DataLoader(dataset, batch_size=32, shuffle=True))
+    _trainer(tmp_path, [callback], enable_checkpointing=False).fit(model, train_dataloaders=loader)
+    assert all(r["harvest"]["harvested"] == r["candidates"] for r in sanitizer.history)
+    assert set(planted) <= set(sanitizer.dropped.tolist())
