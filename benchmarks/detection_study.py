@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.signals import load_epoch
-from sanitizer.density import class_isolation, knn, principal_deviation, robust_zscore
+from sanitizer.neighbors import class_isolation, knn, principal_deviation, robust_zscore
 from sanitizer.policies import make_policy
 
 # ------------------------------------------------------------------------------------------------

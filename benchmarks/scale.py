@@ -93,7 +93,7 @@ def make_data(data: str, n: int, classes: int, dim: int):
 
 def recall_at_k(x: np.ndarray, k: int, queries: int = 1000, seed: int = 0) -> tuple[float, str]:
     """Recall@k of ``knn(x, k)`` (the policy's call) against brute force on a sample of query rows."""
-    from sanitizer.density import deduplicate, knn
+    from sanitizer.neighbors import deduplicate, knn
 
     x, _ = deduplicate(x)
     n = len(x)
@@ -201,7 +201,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def factored_vs_sketch(sizes, classes_list, dims, max_dim: int, k: int = 10) -> None:
     import faiss
 
-    from sanitizer.density import exact_knn_blocked, knn_factored
+    from sanitizer.neighbors import exact_knn_blocked, knn_factored
     from sanitizer.sketch import KroneckerSketch
 
     torch.set_num_threads(1)

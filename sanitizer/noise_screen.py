@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from sanitizer.density import robust_zscore
 from sanitizer.errors import SanitizerError
+from sanitizer.neighbors import robust_zscore
 
 # The noise floor of an 8-bit image cannot be below its quantisation noise, (1/255)² / 12: a floor on
 # the estimate keeps flat images (all eigenvalues 0) from becoming extreme low outliers.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sanitizer.density import (
+from sanitizer.neighbors import (
     GROUP,
     _smallest_k,
     class_isolation,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sanitizer import make_policy, select
-from sanitizer.density import class_isolation, knn, principal_deviation, robust_zscore
 from sanitizer.errors import SanitizerError
+from sanitizer.neighbors import class_isolation, knn, principal_deviation, robust_zscore
 from sanitizer.policies.epic import facility_location_medoids
 
 

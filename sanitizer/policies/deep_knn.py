@@ -10,8 +10,8 @@ import warnings
 
 import numpy as np
 
-from sanitizer.density import BACKENDS, knn
 from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int
+from sanitizer.neighbors import BACKENDS, knn
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 

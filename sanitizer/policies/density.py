@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.density import class_isolation, principal_deviation, robust_zscore
 from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
+from sanitizer.neighbors import class_isolation, principal_deviation, robust_zscore
 from sanitizer.policies.base import Policy, cap_count, register_policy
 
 
@@ -44,7 +44,7 @@ class DensityPolicy(Policy):
     score pass a larger cap (e.g. 0.2): 10 % of a class can be poisons, and 5 % would hide half of them.
 
     With ``spectral=True`` the isolation side also takes the robust z-score of the example's deviation
-    along its class's top principal direction (:func:`~sanitizer.density.principal_deviation`).
+    along its class's top principal direction (:func:`~sanitizer.neighbors.principal_deviation`).
 
     Example:
         >>> policy = DensityPolicy(k=10, threshold=3.0, two_sided=True)
