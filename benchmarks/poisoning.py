@@ -431,7 +431,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
                 m, opt, sch = branch(model, optimizer, scheduler, config)
             hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
             sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks, **sched,
-                                  **sanitizer_options(spec, preset))
+                                  screen_dataset=data.images, **sanitizer_options(spec, preset))
             t1 = time.perf_counter()
             shared = 0.0 if from_start else prefix_seconds
             if not from_start:

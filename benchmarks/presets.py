@@ -248,6 +248,9 @@ class VictimData:
     is_poison: np.ndarray
     target_input: torch.Tensor      # [1, ...] the target in the victim's input space
     test: ImageTensorDataset
+    # the poisoned training images when the victim trains on something else (cached features): what the
+    # input-noise screen reads (Sanitizer(screen_dataset=...)), as a user with a frozen backbone would pass
+    images: ImageTensorDataset | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,8 +338,10 @@ class TransferSetting(Setting):
         is_poison = np.zeros(len(labels), dtype=bool)
         is_poison[poisons.indices] = True
         target = self.test_features.images[target_index][None]
+        view = poisons.apply(self.craft_set)
+        images = ImageTensorDataset(view.images, view.labels, None, self.craft_set.num_classes)
         return VictimData(ImageTensorDataset(feats, labels, None, self.craft_set.num_classes), is_poison, target,
-                          self.test_features)
+                          self.test_features, images)
 
     def new_victim(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)

@@ -47,11 +47,13 @@ class Harvester:
         self._epoch = -1
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handle = None
+        self._layer: nn.Module | None = None
 
     # -- capture ----------------------------------------------------------------------------------
     def attach(self, layer: nn.Linear) -> None:
         """Start capturing the training forwards of ``layer`` (idempotent)."""
         if self._handle is None:
+            self._layer = layer
             self._handle = layer.register_forward_hook(self._capture)
 
     def detach(self) -> None:
@@ -59,8 +61,16 @@ class Harvester:
             self._handle.remove()
             self._handle = None
 
+    def __getstate__(self) -> dict:
+        # a hook handle does not pickle (Lightning's ddp_spawn pickles the sanitizer): the copy re-attaches
+        # nothing; under DDP rounds use the sharded pass anyway
+        return {**self.__dict__, "_handle": None, "_layer": None}
+
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not module.training or not torch.is_grad_enabled() or self.broken or self._order is None:
+            return
+        if module is not self._layer:  # a replica (nn.DataParallel): chunks of a batch arrive from threads
+            self._break("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
             return
         h = inputs[0]
         if h.ndim != 2 or output.ndim != 2:

@@ -1,5 +1,7 @@
 """Harvest mode: rounds embed from the training steps, keyed by index through the sampler's order."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,17 @@ def test_harvested_rows_follow_the_latest_epoch():
     h, z, have = sanitizer.harvester.rows(np.arange(len(data)), since_epoch=2)
     assert have.all() and h.shape == (len(data), 8) and z.shape == (len(data), 3)
     assert np.all(sanitizer.harvester.seen_epoch == 2)
+
+
+def test_a_replicated_last_layer_turns_harvest_off():
+    """nn.DataParallel runs replicas whose rows would arrive out of order: refuse them, warn, use a pass."""
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=1, every=1, harvest=True, verbose=False)
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    replica = copy.copy(model[2])  # a shallow copy shares the hooks, as DataParallel's replicas do
+    sanitizer.start_epoch(0)
+    next(iter(loader))  # the sampler hands the harvester the epoch's order
+    replica.train()
+    with pytest.warns(UserWarning, match="replicas"):
+        replica(torch.randn(4, 8))
+    assert sanitizer.harvester.broken is not None
