@@ -58,6 +58,26 @@ def rules(features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def round_printer(seed: int, data, flipped: np.ndarray):
+    """A round hook printing each signal's AUROC and each rule's recall and precision."""
+    labels = data.labels.numpy()
+
+    def hook(s, epoch, candidates, emb, selection):
+        feats = gradient_embeddings(s.model, data, kind="features").numpy()
+        probs = gradient_embeddings(s.model, data, kind="logits").numpy() + np.eye(s.num_classes)[labels]
+        agree, _ = knn_label_shares(feats, labels, 10)
+        signals = {"isolation (density score)": selection.scores,
+                   "1 - p(label)": 1 - probs[np.arange(len(labels)), labels],
+                   "1 - kNN agreement (k=10)": 1 - agree}
+        print(f"seed {seed} epoch {epoch}: " + ", ".join(
+            f"{name} AUROC {auroc(v[flipped], v[~flipped]):.3f}" for name, v in signals.items()))
+        flagged = {f"isolation z > {th}": selection.scores > th for th in (2.0, 3.0)} | rules(feats, labels)
+        for name, f in flagged.items():
+            print(f"    {name}: recall {f[flipped].mean():.2f} precision {flipped[f].mean() if f.any() else 0:.2f} "
+                  f"flags {f.mean():.1%}")
+    return hook
+
+
 def digits_study(seeds: list[int]) -> None:
     exp = Experiment(12, 16, 0.05, None, Path("benchmarks/out/simple_attacks"))
     for seed in seeds:
@@ -65,25 +85,9 @@ def digits_study(seeds: list[int]) -> None:
         data = poisons.apply(exp.train)
         flipped = np.zeros(len(exp.train), dtype=bool)
         flipped[poisons.indices] = True
-        labels = data.labels.numpy()
-
-        def hook(s, epoch, candidates, emb, selection):
-            feats = gradient_embeddings(s.model, data, kind="features").numpy()
-            probs = gradient_embeddings(s.model, data, kind="logits").numpy() + np.eye(s.num_classes)[labels]
-            agree, _ = knn_label_shares(feats, labels, 10)
-            signals = {"isolation (density score)": selection.scores, "1 - p(label)": 1 - probs[np.arange(len(labels)), labels],
-                       "1 - kNN agreement (k=10)": 1 - agree}
-            print(f"seed {seed} epoch {epoch}: " + ", ".join(
-                f"{name} AUROC {auroc(v[flipped], v[~flipped]):.3f}" for name, v in signals.items()))
-            for th in (2.0, 3.0):
-                f = selection.scores > th
-                print(f"    isolation z > {th}: recall {f[flipped].mean():.2f} precision {flipped[f].mean():.2f}")
-            for name, f in rules(feats, labels).items():
-                print(f"    {name}: recall {f[flipped].mean():.2f} precision {flipped[f].mean() if f.any() else 0:.2f} "
-                      f"flags {f.mean():.1%}")
-
         model = exp.new_model(seed)
-        sanitizer = Sanitizer(model, data, epochs=12, audit=True, round_hooks=[hook], verbose=False, seed=seed)
+        sanitizer = Sanitizer(model, data, epochs=12, audit=True, round_hooks=[round_printer(seed, data, flipped)],
+                              verbose=False, seed=seed)
         train_classifier(model, data, exp.config(seed), sanitizer=sanitizer, desc=f"label_flip {seed}")
 
 
