@@ -445,7 +445,8 @@ class Sanitizer:
         floor = image_dataset_noise_floor(self.screen_dataset, self.batch_size, collate)
         if floor is None:
             if self.verbose and is_main_process():
-                log("[sanitizer] noise screen: the inputs are not float image tensors; not screened")
+                log("[sanitizer] noise screen: the inputs are not float image tensors; not screened (training on "
+                    "features of images? pass screen_dataset=<the images, same order> to screen them)")
             return None
         flagged, z, attacked = screen_decision(floor, self.labels, self.policy.screen_threshold)
         if self._sharded():  # every rank computed the same; take rank 0's mask anyway, as rounds do

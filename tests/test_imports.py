@@ -130,3 +130,16 @@ def test_cycle_finder_on_a_small_graph():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles at module level:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_adapters_have_one_import_name():
+    """``integrations/`` is installed as ``sanitizer.integrations``; the bare name would duplicate classes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    bare = subprocess.run([sys.executable, "-c", "import integrations"], cwd=root, capture_output=True, text=True)
+    assert bare.returncode != 0 and "import the adapters as sanitizer.integrations" in bare.stderr
+    proper = subprocess.run([sys.executable, "-c", "import sanitizer.integrations"], cwd=root, capture_output=True,
+                            text=True)
+    assert proper.returncode == 0, proper.stderr
