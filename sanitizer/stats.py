@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95% interval for a proportion (``(0, 1)`` when there are no trials).
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """Wilson score 95% interval for a proportion, or None when there are no trials (no estimate at all).
 
     Example:
         >>> lo, hi = wilson_interval(5, 10)
@@ -14,7 +14,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
         (0.237, 0.763)
     """
     if trials <= 0:
-        return 0.0, 1.0
+        return None
     if not 0 <= successes <= trials:
         raise ValueError(f"successes={successes} must lie in [0, trials={trials}]")
     p = successes / trials
@@ -26,9 +26,11 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
 
 def format_rate(successes: int, trials: int) -> str:
     """``"3/10 = 30% [11–60%]"``: a proportion with its trial count and Wilson 95% interval."""
-    lo, hi = wilson_interval(successes, trials)
-    pct = 100 * successes / trials if trials else float("nan")
-    return f"{successes}/{trials} = {pct:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%]"
+    interval = wilson_interval(successes, trials)
+    if interval is None:
+        return f"{successes}/0 (no trials)"
+    lo, hi = interval
+    return f"{successes}/{trials} = {100 * successes / trials:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%]"
 
 
 def mix_seed(seed: int, step: int) -> int:

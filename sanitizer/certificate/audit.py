@@ -87,12 +87,6 @@ def dataset_fingerprint(dataset: Dataset, batch_size: int = 1024) -> dict[str, A
     return {**info, "fingerprint": sha256_of(info), "class_counts": {str(c): counts[c] for c in sorted(counts)}}
 
 
-def example_hashes(images: torch.Tensor) -> list[str]:
-    """SHA-256 of each example's float32 bytes (labels excluded): identity independent of position."""
-    arr = images.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return [hashlib.sha256(row.tobytes()).hexdigest() for row in arr.reshape(len(arr), -1)]
-
-
 # -- the chain -------------------------------------------------------------------------------------
 def chain_rounds(header: dict[str, Any], rounds: Iterable[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """Return ``(genesis_hash, chained_rounds)``: each round gets ``prev_hash`` and ``hash``."""

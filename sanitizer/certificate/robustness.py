@@ -23,23 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sanitizer import stats
 from sanitizer.attacks import available_attacks, make_attack
 from sanitizer.data.tensors import ImageTensorDataset, subset_by_class
 from sanitizer.progress import log
+from sanitizer.stats import wilson_interval
 from sanitizer.train import TrainConfig, predict_proba, train_classifier
 
 LABEL = "proxy run: measured attack success on a subset with the same model and recipe; not a proof"
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float] | None:
-    """Wilson score interval of a proportion (95% by default), or None without trials.
-
-    Example:
-        >>> [round(v, 3) for v in wilson_interval(5, 10)]
-        [0.237, 0.763]
-    """
-    return stats.wilson_interval(successes, trials, z) if trials > 0 else None
 
 
 def rate(successes: int, trials: int) -> dict[str, Any]:
