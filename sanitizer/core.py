@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sanitizer.distributed import broadcast_mask, gather_embeddings, is_distributed, is_main_process, unwrap_model
+from sanitizer.distributed import (
+    broadcast_mask,
+    gather_embeddings,
+    gather_rows_by_position,
+    is_distributed,
+    is_main_process,
+    unwrap_model,
+)
 from sanitizer.embeddings import embed_outputs, gradient_embeddings, last_linear_of
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.harvest import Harvester
@@ -587,11 +594,10 @@ class Sanitizer:
 
     def _embed(self, candidates: np.ndarray, kind: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
-        if self.harvester is not None and not self._sharded() and (kind or self.embedding) in HARVESTABLE:
+        if self.harvester is not None and (kind or self.embedding) in HARVESTABLE:
+            if self._sharded():
+                return self._embed_harvested_distributed(candidates, kind or self.embedding)
             return self._embed_harvested(candidates, kind or self.embedding)
-        if self.harvester is not None:  # each rank harvested only its shard: the sharded pass is used instead
-            self._harvest_counts = {"harvested": 0, "embedded": int(len(candidates)),
-                                    "off": "distributed run (rounds use the sharded pass)"}
         if self._sharded():
             return gather_embeddings(rows, candidates)
         emb = rows(candidates)
@@ -617,6 +623,25 @@ class Sanitizer:
         out = torch.empty(len(candidates), emb.shape[1], dtype=emb.dtype)
         out[torch.from_numpy(have)] = emb
         out[torch.from_numpy(~have)] = self._embed_rows(candidates[~have], kind).to(emb.dtype)
+        return out
+
+    def _embed_harvested_distributed(self, candidates: np.ndarray, kind: str) -> torch.Tensor:
+        """Each rank trained on its shard: gather the harvested rows by candidate position, then embed
+        what no rank saw with the sharded pass (every rank knows the same gaps, so the collectives match)."""
+        h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
+        local = torch.zeros(0, 0)
+        if have.any():
+            y = torch.from_numpy(self.labels[candidates[have]])
+            local, _ = embed_outputs(z, y, h, kind, self.num_classes, self.max_dim, self.seed)
+        out, filled = gather_rows_by_position(local, np.flatnonzero(have), len(candidates))
+        self._harvest_counts = {"harvested": int(filled.sum()), "embedded": int((~filled).sum()),
+                                "off": self.harvester.broken}
+        if filled.all():
+            return out
+        rest = gather_embeddings(lambda idx: self._embed_rows(idx, kind), candidates[~filled])
+        if not filled.any():
+            return rest
+        out[torch.from_numpy(~filled)] = rest.to(out.dtype)
         return out
 
     def _last_linear(self) -> nn.Linear:

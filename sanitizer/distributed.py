@@ -94,6 +94,23 @@ def gather_embeddings(embed: Callable[[np.ndarray], torch.Tensor], candidates: n
     return out
 
 
+def gather_rows_by_position(local: torch.Tensor, positions: np.ndarray, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Every rank contributes rows for some of ``n`` positions (harvest mode: the candidates it trained on
+    in the last epoch); returns ``([n, D]`` rows, bool ``[n]`` filled) on every rank. A position that several
+    ranks hold (a padded DDP epoch) takes the highest rank's row. Collective: every rank must call it."""
+    parts = _all_gather_uneven(local if len(positions) else torch.zeros(0, 0))
+    where = _all_gather_uneven(torch.as_tensor(np.asarray(positions, dtype=np.int64))[:, None])
+    width = max((p.shape[1] for p in parts if p.numel()), default=0)
+    dtype = next((p.dtype for p in parts if p.numel()), torch.float32)
+    out = torch.zeros(n, width, dtype=dtype)
+    filled = np.zeros(n, dtype=bool)
+    for part, pos in zip(parts, where, strict=True):
+        if len(pos):
+            out[pos[:, 0]] = part.to(dtype)
+            filled[pos[:, 0].numpy()] = True
+    return out, filled
+
+
 def broadcast_mask(mask: np.ndarray, src: int = 0) -> np.ndarray:
     """Rank ``src``'s boolean mask on every rank (the same length everywhere)."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)).to(_comm_device())

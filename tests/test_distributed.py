@@ -195,3 +195,47 @@ def test_two_process_class_sharded_round_matches_one_process(tmp_path):
         assert r["refused"]  # deep-knn looks across classes: not shardable by class
     # the embedding pass was split: each candidate embedded once, by one rank
     assert sorted(np.concatenate([r["embedded"] for r in ranks]).tolist()) == candidates.tolist()
+
+
+# -- harvest mode under DDP --------------------------------------------------------------------------
+def _harvest_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Frozen weights (lr 0), harvest mode: the gathered round must equal a one-process pass."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        dataset, _ = planted_dataset()
+        model = tiny_mlp()
+        net = DistributedDataParallel(model)
+        captured = {}
+        sanitizer = Sanitizer(net, dataset, policy="none", warmup=1, every=1, seed=0, harvest=True, verbose=False,
+                              round_hooks=[lambda s, e, cand, emb, sel: captured.update(cand=cand, emb=emb.clone())])
+        loader = sanitizer.wrap(DataLoader(dataset, batch_size=LOCAL_BATCH, drop_last=True,
+                                           sampler=DistributedSampler(dataset, shuffle=True, seed=0)))
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        for epoch in range(2):
+            sanitizer.start_epoch(epoch)
+            for x, y, _ in loader:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        torch.save({"candidates": torch.from_numpy(captured["cand"]), "emb": captured["emb"],
+                    "harvest": torch.tensor([sanitizer.history[-1]["harvest"]["harvested"],
+                                             sanitizer.history[-1]["harvest"]["embedded"]]),
+                    "weights": weights(model)}, os.path.join(out_dir, f"harvest{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_harvest_mode_gathers_each_ranks_rows(tmp_path):
+    mp.spawn(_harvest_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"harvest{r}.pt", weights_only=True) for r in range(WORLD)]
+    dataset, _ = planted_dataset()
+    model = tiny_mlp()
+    model.load_state_dict(ranks[0]["weights"])
+    direct = gradient_embeddings(model, dataset, indices=ranks[0]["candidates"].numpy())
+    harvested, embedded = ranks[0]["harvest"].tolist()
+    assert harvested > 0 and embedded > 0  # drop_last leaves a remainder that a pass embeds
+    assert harvested + embedded == len(dataset)
+    for r in ranks:
+        torch.testing.assert_close(r["emb"], direct, rtol=1e-5, atol=1e-6)
