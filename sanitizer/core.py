@@ -208,6 +208,7 @@ class Sanitizer:
             before a round instead of a separate pass over the data (:mod:`sanitizer.harvest`): rounds
             cost almost nothing. Needs the sanitizer's sampler (``wrap`` / ``sampler``) and one
             training forward per batch; embeddings ``last_layer``, ``logits`` and ``features``.
+            ``None``: on where the model and embedding allow it, else the separate pass.
         check: embed one example at construction so that problems surface before training.
         action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
             until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
@@ -257,7 +258,7 @@ class Sanitizer:
         unlearn_options: dict[str, Any] | None = None,
         to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
         screen_dataset: Dataset | None = None,
-        harvest: bool = False,
+        harvest: bool | None = False,
     ) -> None:
         if epochs is None and warmup is None:
             warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
@@ -323,15 +324,13 @@ class Sanitizer:
         # held weakly: a loader dropped by the user frees its sampler (wrap() every epoch does not grow this)
         self._samplers = SamplerRegistry()
         self.harvester: Harvester | None = None
-        if harvest:
-            if self.embedding not in HARVESTABLE:
-                raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
-                                     f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
-            self.harvester = Harvester(self.size)
+        if harvest and self.embedding not in HARVESTABLE:
+            raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
+                                 f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
         if check:
             self._check_model_and_data()
-        if self.harvester is not None:
-            self.harvester.attach(self._last_linear())
+        if harvest or (harvest is None and self.embedding in HARVESTABLE):
+            self._start_harvest(required=bool(harvest))
 
     # -- checks at construction (fail before training, not at the first round) -----------------------
     def _check_model_and_data(self) -> None:
@@ -644,6 +643,18 @@ class Sanitizer:
         out[torch.from_numpy(~filled)] = rest.to(out.dtype)
         return out
 
+    def _start_harvest(self, required: bool) -> None:
+        """Hook the last linear layer; in automatic mode (``harvest=None``) a model without a recognisable
+        one keeps the separate pass instead of failing."""
+        try:
+            layer = self._last_linear()
+        except SanitizerError:
+            if required:
+                raise
+            return
+        self.harvester = Harvester(self.size)
+        self.harvester.attach(layer)
+
     def _last_linear(self) -> nn.Linear:
         """The layer whose input and output harvest mode captures (found on one example when not given)."""
         if self.last_layer is None:
@@ -712,7 +723,8 @@ class Sanitizer:
         return {"version": STATE_VERSION, "size": self.size, "keep": torch.from_numpy(self.keep.copy()),
                 "history": [dict(r) for r in self.history], "epoch": self.epoch, "seed": self.seed,
                 "policy": self.policy.name,
-                "audit_scores": {f"{e}:{p}": torch.from_numpy(v.copy()) for (e, p), v in self.audit_scores.items()}}
+                "audit_scores": {f"{e}:{p}": torch.from_numpy(v.copy()) for (e, p), v in self.audit_scores.items()},
+                **({"harvest": self.harvester.state_dict()} if self.harvester is not None else {})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. The state must come from a Sanitizer with the same dataset size
@@ -732,6 +744,8 @@ class Sanitizer:
             epoch, label = key.split(":", 1)
             self.audit_scores[(int(epoch), label)] = np.asarray(value.cpu() if isinstance(value, torch.Tensor)
                                                                 else value, dtype=np.float32)
+        if self.harvester is not None and state.get("harvest") is not None:
+            self.harvester.load_state_dict(state["harvest"])
         self._samplers.set_epoch(max(self.epoch, 0))
 
     def _check_state(self, state: Mapping[str, Any]) -> None:

@@ -122,3 +122,50 @@ def test_a_replicated_last_layer_turns_harvest_off():
     with pytest.warns(UserWarning, match="replicas"):
         replica(torch.randn(4, 8))
     assert sanitizer.harvester.broken is not None
+
+
+def test_resuming_before_a_round_drops_what_the_uninterrupted_run_drops():
+    """The harvested rows travel in state_dict(): a checkpoint between an epoch and the round that reads
+    its rows resumes exactly."""
+    from sanitizer.data import ImageTensorDataset
+    from sanitizer.models import CompactCNN
+    from sanitizer.train import TrainConfig, continue_training
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(240) % 2
+    x = torch.rand(240, 1, 8, 8, generator=gen) * 0.3 + 0.6 * y[:, None, None, None]
+    x[:6] += 0.6 * (1 - y[:6, None, None, None])  # six class-0 examples that look like class 1
+    ds = ImageTensorDataset(x.clamp(0, 1), y, num_classes=2)
+    cfg = TrainConfig(epochs=5, lr=0.05, batch_size=32, augment=False, seed=0)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = CompactCNN(1, 2, width=4)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+        san = Sanitizer(model, ds, warmup=2, every=2, harvest=True, verbose=False, policy_options={"threshold": 2.0})
+        return model, opt, sched, san
+
+    model, opt, sched, san = fresh()
+    continue_training(model, ds, cfg, opt, sched, san, 0, 5)
+    model2, opt2, sched2, san2 = fresh()
+    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, 2)  # stop before the round at epoch 2
+    checkpoint = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
+                                "sched": sched2.state_dict(), "san": san2.state_dict()})
+    model3, opt3, sched3, san3 = fresh()
+    model3.load_state_dict(checkpoint["model"])
+    opt3.load_state_dict(checkpoint["opt"])
+    sched3.load_state_dict(checkpoint["sched"])
+    san3.load_state_dict(checkpoint["san"])
+    continue_training(model3, ds, cfg, opt3, sched3, san3, 2, 5)
+    assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
+    assert san3.history[-2]["harvest"]["harvested"] == len(ds)  # the round at epoch 2 read restored rows
+
+
+def test_a_harvest_state_for_another_dataset_is_refused():
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=1, harvest=True, verbose=False)
+    state = sanitizer.state_dict()
+    state["harvest"]["seen_epoch"] = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(SanitizerError, match="harvest state"):
+        sanitizer.load_state_dict(state)
