@@ -45,3 +45,27 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def uninterrupted_and_resumed(ds, cfg, fresh, stop: int):
+    """Train ``cfg.epochs`` epochs twice with :func:`~sanitizer.train.continue_training`: straight
+    through, and stopped after epoch ``stop - 1``, checkpointed (model, optimizer, scheduler, sanitizer),
+    rebuilt with ``fresh()`` and resumed. ``fresh()`` returns ``(model, optimizer, scheduler, sanitizer)``.
+    Returns the two ``(model, sanitizer)`` pairs."""
+    import copy
+
+    from sanitizer.train import continue_training
+
+    model, opt, sched, san = fresh()
+    continue_training(model, ds, cfg, opt, sched, san, 0, cfg.epochs)
+    model2, opt2, sched2, san2 = fresh()
+    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, stop)
+    checkpoint = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
+                                "sched": sched2.state_dict(), "san": san2.state_dict()})
+    model3, opt3, sched3, san3 = fresh()
+    model3.load_state_dict(checkpoint["model"])
+    opt3.load_state_dict(checkpoint["opt"])
+    sched3.load_state_dict(checkpoint["sched"])
+    san3.load_state_dict(checkpoint["san"])
+    continue_training(model3, ds, cfg, opt3, sched3, san3, stop, cfg.epochs)
+    return (model, san), (model3, san3)

@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from planted import uninterrupted_and_resumed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -129,7 +130,7 @@ def test_resuming_before_a_round_drops_what_the_uninterrupted_run_drops():
     its rows resumes exactly."""
     from sanitizer.data import ImageTensorDataset
     from sanitizer.models import CompactCNN
-    from sanitizer.train import TrainConfig, continue_training
+    from sanitizer.train import TrainConfig
 
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(240) % 2
@@ -146,18 +147,7 @@ def test_resuming_before_a_round_drops_what_the_uninterrupted_run_drops():
         san = Sanitizer(model, ds, warmup=2, every=2, harvest=True, verbose=False, policy_options={"threshold": 2.0})
         return model, opt, sched, san
 
-    model, opt, sched, san = fresh()
-    continue_training(model, ds, cfg, opt, sched, san, 0, 5)
-    model2, opt2, sched2, san2 = fresh()
-    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, 2)  # stop before the round at epoch 2
-    checkpoint = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
-                                "sched": sched2.state_dict(), "san": san2.state_dict()})
-    model3, opt3, sched3, san3 = fresh()
-    model3.load_state_dict(checkpoint["model"])
-    opt3.load_state_dict(checkpoint["opt"])
-    sched3.load_state_dict(checkpoint["sched"])
-    san3.load_state_dict(checkpoint["san"])
-    continue_training(model3, ds, cfg, opt3, sched3, san3, 2, 5)
+    (_, san), (_, san3) = uninterrupted_and_resumed(ds, cfg, fresh, stop=2)  # stop before the round at epoch 2
     assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
     assert san3.history[-2]["harvest"]["harvested"] == len(ds)  # the round at epoch 2 read restored rows
 

@@ -1,8 +1,8 @@
-import copy
 
 import numpy as np
 import pytest
 import torch
+from planted import uninterrupted_and_resumed
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, WeightedRandomSampler
 
 from sanitizer import Sanitizer
@@ -130,8 +130,6 @@ def test_planted_points_are_dropped_during_training():
 
 
 def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
-    from sanitizer.train import continue_training
-
     ds, _ = planted_dataset()
     kwargs = dict(warmup=2, every=2, policy_options={"threshold": 2.0})
     cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, augment=False, seed=0)
@@ -143,19 +141,7 @@ def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
         sched = torch.optim.lr_scheduler.StepLR(opt, 3)
         return model, opt, sched, Sanitizer(model, ds, **kwargs)
 
-    model, opt, sched, san = fresh()
-    continue_training(model, ds, cfg, opt, sched, san, 0, 6)
-
-    model2, opt2, sched2, san2 = fresh()
-    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, 3)
-    checkpoint = copy.deepcopy({"model": model2.state_dict(), "opt": opt2.state_dict(),
-                                "sched": sched2.state_dict(), "san": san2.state_dict()})
-    model3, opt3, sched3, san3 = fresh()
-    model3.load_state_dict(checkpoint["model"])
-    opt3.load_state_dict(checkpoint["opt"])
-    sched3.load_state_dict(checkpoint["sched"])
-    san3.load_state_dict(checkpoint["san"])
-    continue_training(model3, ds, cfg, opt3, sched3, san3, 3, 6)
+    (model, san), (model3, san3) = uninterrupted_and_resumed(ds, cfg, fresh, stop=3)
 
     np.testing.assert_array_equal(san.dropped, san3.dropped)
     assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
