@@ -316,6 +316,26 @@ def class_isolation_factored(e, h, k: int, block: int | None = None,
     return dist.mean(1)[inverse]
 
 
+def outer_product_factors(x: np.ndarray, num_classes: int, rtol: float = 1e-4) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(e [n, C], h1 [n, m])`` with ``x[i] = e[i] ⊗ h1[i]`` and ``h1[:, -1] = 1``, when the rows of ``x``
+    are exactly such outer products (the explicit last-layer embedding of
+    :func:`~sanitizer.embeddings.gradient_embeddings`, whose last coordinate per class is the bias
+    gradient e_c · 1); else None (sketched rows, features, anything else). Checked by reconstruction,
+    so a wrong guess falls back to the explicit rows."""
+    n, dim = x.shape
+    if num_classes < 2 or dim % num_classes or dim // num_classes < 2:
+        return None
+    rows = x.reshape(n, num_classes, dim // num_classes).astype(np.float64)
+    e = rows[:, :, -1]
+    pivot = np.abs(e).argmax(1)
+    scale = e[np.arange(n), pivot]
+    if np.any(scale == 0):
+        return None
+    h1 = rows[np.arange(n), pivot] / scale[:, None]
+    error = np.linalg.norm(e[:, :, None] * h1[:, None, :] - rows) / max(np.linalg.norm(rows), 1e-30)
+    return (e.astype(np.float32), h1.astype(np.float32)) if error <= rtol else None
+
+
 def robust_zscore(values: np.ndarray) -> np.ndarray:
     """(v − median) / (1.4826 · MAD), falling back to the standard deviation when MAD is 0."""
     med = np.median(values)

@@ -132,3 +132,31 @@ def test_hnsw_path_above_the_threshold_has_high_recall(data):
     # the old inverted-file index stays available
     ivf, _ = knn(x, 10, backend="faiss", ivf_threshold=1000, approximate="ivf", nprobe=32)
     assert (ivf >= exact - 1e-4).all()
+
+
+def test_the_density_policy_takes_the_factored_path_on_explicit_last_layer_rows_only():
+    """gradient_embeddings' explicit last-layer rows are outer products: the policy recognises them and
+    computes the same scores with the factored kNN; sketched rows or features are left to the explicit path."""
+    from sanitizer import make_policy
+    from sanitizer.embeddings import gradient_embeddings
+    from sanitizer.neighbors import outer_product_factors
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 6, generator=gen), torch.arange(300) % 3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = torch.utils.data.TensorDataset(x, y)
+    explicit = gradient_embeddings(model, data).numpy()
+    factors = outer_product_factors(explicit, 3)
+    assert factors is not None
+    np.testing.assert_allclose((factors[0][:, :, None] * factors[1][:, None, :]).reshape(300, -1), explicit,
+                               rtol=1e-5, atol=1e-6)
+    sketched = gradient_embeddings(model, data, max_dim=16).numpy()  # 3 × 9 > 16: Kronecker-sketched
+    assert outer_product_factors(sketched, 3) is None
+    assert outer_product_factors(gradient_embeddings(model, data, kind="features").numpy(), 3) is None
+    assert outer_product_factors(explicit + 1e-2 * np.random.default_rng(0).normal(size=explicit.shape), 3) is None
+
+    factored = make_policy("density").select(explicit, y.numpy(), num_classes=3)
+    reference = make_policy("density", backend="faiss").select(explicit, y.numpy(), num_classes=3)
+    np.testing.assert_allclose(factored.scores, reference.scores, rtol=1e-3, atol=1e-3)
+    assert np.array_equal(factored.keep, reference.keep)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
-from sanitizer.neighbors import class_isolation, principal_deviation, robust_zscore
+from sanitizer.neighbors import (
+    class_isolation,
+    class_isolation_factored,
+    outer_product_factors,
+    principal_deviation,
+    robust_zscore,
+)
 from sanitizer.policies.base import Policy, cap_count, register_policy
 
 
@@ -82,8 +88,22 @@ class DensityPolicy(Policy):
     def dense_side_active(self) -> bool:
         return self.two_sided and (self.dense_rounds is None or self._round < self.dense_rounds)
 
+    def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0):
+        # the explicit last-layer embedding is an outer product per row: its exact kNN needs C + d work per
+        # pair instead of C·d (neighbors.knn_factored); remember the class count to look for that form
+        self._num_classes = num_classes if num_classes is not None else int(np.max(np.asarray(labels))) + 1
+        return super().select(embeddings, labels, num_classes=num_classes, seed=seed)
+
+    def _isolation(self, x: np.ndarray) -> np.ndarray:
+        factors = None
+        if self.backend == "auto" and len(x) > self.k:
+            factors = outer_product_factors(x, getattr(self, "_num_classes", 0))
+        if factors is not None:
+            return class_isolation_factored(*factors, self.k)
+        return class_isolation(x, self.k, self.backend)
+
     def select_class(self, x: np.ndarray, label: int, seed: int):
-        isolation = class_isolation(x, self.k, self.backend)
+        isolation = self._isolation(x)
         z = robust_zscore(np.log(isolation + 1e-12))
         scores = z
         if self.spectral:
