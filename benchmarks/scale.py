@@ -6,6 +6,7 @@ factored kNN of last-layer gradients against sketch + faiss.
     python -m benchmarks.scale --data clusters          # the isotropic-cluster data of density_speed.py
     python -m benchmarks.scale --extrapolate            # 10M from measured points (layouts 10 x n, 1,000 x n)
     python -m benchmarks.scale --factored               # factored kNN vs sketch + faiss (one thread)
+    python -m benchmarks.scale --policy-round --threads 1  # the policy's select, factored vs explicit rows
     python -m benchmarks.scale --compare-backends --threads 1   # 50k round: faiss flat vs auto, side by side
 
 Each configuration runs in a fresh subprocess, so its peak resident memory (ru_maxrss, which includes
@@ -198,6 +199,35 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def policy_round(threads: int, n: int = 50_000, classes: int = 10, d1: int = 81, repeats: int = 3) -> None:
+    """The density policy's select on explicit last-layer rows (CIFAR-10 from scratch: 10 classes, 80 features
+    + bias): the factored path it now takes against the explicit kNN (``backend="torch"``, the same exact
+    kernel on the C·(d+1) rows), interleaved, best of ``repeats``."""
+    from sanitizer import make_policy
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % classes
+    h = torch.relu(torch.randn(n, d1 - 1, generator=g) + 0.3)
+    z = h @ torch.randn(d1 - 1, classes, generator=g) / (d1 - 1) ** 0.5 + 3 * torch.nn.functional.one_hot(labels)
+    e = torch.softmax(z, 1) - torch.nn.functional.one_hot(labels, classes)
+    x = (e[:, :, None] * torch.cat([h, torch.ones(n, 1)], 1)[:, None, :]).reshape(n, -1).numpy()
+    y = labels.numpy()
+    best: dict[str, float] = {}
+    keep = {}
+    for _ in range(repeats):
+        for name, backend in (("factored (auto)", "auto"), ("explicit (torch exact)", "torch")):
+            t0 = time.perf_counter()
+            keep[name] = make_policy("density", backend=backend).select(x, y, num_classes=classes).keep
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    print(f"density select, {n:,} x {x.shape[1]} explicit last-layer rows, {classes} classes, {threads} thread(s), "
+          f"best of {repeats}:")
+    for name, seconds in best.items():
+        print(f"  {name}: {seconds:.2f} s")
+    print(f"  explicit / factored: {best['explicit (torch exact)'] / best['factored (auto)']:.2f}x; "
+          f"same keep mask: {bool(np.array_equal(*keep.values()))}")
+
+
 def factored_vs_sketch(sizes, classes_list, dims, max_dim: int, k: int = 10) -> None:
     import faiss
 
@@ -257,6 +287,8 @@ def main() -> None:
     parser.add_argument("--extrapolate", action="store_true",
                         help="measure 10 x {40k, 70k, 100k} (all above the exact threshold) and "
                              "1,000 x {250, 500, 1k}; fit 10M")
+    parser.add_argument("--policy-round", action="store_true",
+                        help="the density policy's select at 50k explicit last-layer rows: factored vs explicit")
     parser.add_argument("--factored", action="store_true", help="factored kNN vs sketch + faiss")
     parser.add_argument("--compare-backends", action="store_true",
                         help="the 50k round with faiss flat and with auto side by side in one process")
@@ -268,6 +300,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
+        return
+    if args.policy_round:
+        policy_round(args.threads or 1)
         return
     if args.factored:
         ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
