@@ -143,3 +143,17 @@ def test_the_adapters_have_one_import_name():
     proper = subprocess.run([sys.executable, "-c", "import sanitizer.integrations"], cwd=root, capture_output=True,
                             text=True)
     assert proper.returncode == 0, proper.stderr
+
+
+def test_a_plain_certificate_does_not_load_the_attacks():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sanitizer.certificate import build_certificate, verify_certificate; "
+            "print(sum(m.startswith('sanitizer.attacks') for m in sys.modules)); "
+            "from sanitizer.certificate import measure_robustness; "
+            "print(sum(m.startswith('sanitizer.attacks') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    before, after = (int(v) for v in out.stdout.split())
+    assert before == 0 and after > 0

@@ -15,11 +15,21 @@ from sanitizer.certificate.audit import dataset_fingerprint
 from sanitizer.certificate.bound import BoundRecorder, last_layer_statistics
 from sanitizer.certificate.build import build_certificate, load_certificate, sanitizer_options
 from sanitizer.certificate.partition import certify_votes, hash_partition, partition_certificate
-from sanitizer.certificate.robustness import measure_robustness, wilson_interval
 from sanitizer.certificate.schema import load_schema, validate
 from sanitizer.certificate.signing import generate_key_pair, load_public_key, sign_certificate
 from sanitizer.certificate.strict import CertificateFormatError, parse_certificate
 from sanitizer.certificate.verify import Verification, verify_certificate
+from sanitizer.stats import wilson_interval
+
+
+def __getattr__(name: str):
+    # measure_robustness trains victims against the bundled attacks: import them only when it is used,
+    # so that building or verifying a certificate does not load all sixteen attack modules
+    if name == "measure_robustness":
+        from sanitizer.certificate.robustness import measure_robustness
+
+        return measure_robustness
+    raise AttributeError(f"module 'sanitizer.certificate' has no attribute {name!r}")
 
 __all__ = [
     "BoundRecorder",

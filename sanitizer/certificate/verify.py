@@ -27,12 +27,12 @@ from torch.utils.data import Dataset
 from sanitizer.certificate.audit import dataset_fingerprint, header_of, seal_of, sha256_of
 from sanitizer.certificate.bound import bound_section, slack_terms
 from sanitizer.certificate.partition import certified_accuracy, certify_votes, dataset_part_sizes
-from sanitizer.certificate.robustness import wilson_interval
 from sanitizer.certificate.schema import validate
 from sanitizer.certificate.signing import check_signature, load_public_key
 from sanitizer.certificate.strict import CertificateFormatError, parse_certificate, read_certificate
 from sanitizer.embeddings import iterate_batches
 from sanitizer.noise_screen import gradient_rounds
+from sanitizer.stats import wilson_interval
 
 
 @dataclass
