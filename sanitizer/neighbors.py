@@ -17,6 +17,7 @@ approximate faiss index above. Memory is O(n·k) for the results plus one block 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -83,6 +84,12 @@ def _drop_self(d2: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.sqrt(np.maximum(d2, 0.0)), idx
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_resources():  # pragma: no cover - needs faiss-gpu
+    """One set of faiss GPU resources (scratch memory, streams) for the process, not one per class per round."""
+    return faiss.StandardGpuResources()
+
+
 def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int, seed: int):
     n, d = x.shape
     if n <= ivf_threshold:
@@ -96,7 +103,7 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
         index.train(train)
         index.nprobe = nprobe
     if gpu:  # pragma: no cover - needs faiss-gpu
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(x)
     d2, idx = index.search(x, k)
     return d2, idx
