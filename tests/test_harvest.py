@@ -159,3 +159,24 @@ def test_a_harvest_state_for_another_dataset_is_refused():
     state["harvest"]["seen_epoch"] = torch.zeros(5, dtype=torch.int64)
     with pytest.raises(SanitizerError, match="harvest state"):
         sanitizer.load_state_dict(state)
+
+
+class NoLinear(nn.Module):
+    """Logits from a parameter product: no nn.Linear anywhere (the logits embedding still works)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_automatic_harvest_keeps_the_pass_where_it_cannot_hook_and_explicit_harvest_says_why():
+    _, data = mlp_and_data()
+    auto = Sanitizer(NoLinear(), data, embedding="logits", harvest=None, epochs=3, verbose=False)
+    assert auto.harvester is None
+    model, _ = mlp_and_data()
+    assert Sanitizer(model, data, harvest=None, epochs=3, verbose=False).harvester is not None
+    with pytest.raises(SanitizerError, match="nn.Linear"):
+        Sanitizer(NoLinear(), data, embedding="logits", harvest=True, epochs=3, verbose=False)
