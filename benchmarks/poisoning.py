@@ -48,6 +48,7 @@ from sanitizer.attacks import PoisonSet, make_attack
 from sanitizer.attacks.base import _ATTACKS
 from sanitizer.core import Sanitizer
 from sanitizer.noise_screen import gradient_rounds
+from sanitizer.options import parse_policy_spec
 from sanitizer.policies import Policy, make_policy
 from sanitizer.policies.simple import RandomPolicy
 from sanitizer.progress import log, progress
@@ -66,19 +67,12 @@ NEVER = 10**9
 # ------------------------------------------------------------------------------------------------
 
 def parse_defense(spec: str, preset: Preset | None = None) -> tuple[str, dict[str, Any]]:
-    """``"density:k=50:threshold=2.5"`` → ``("density", {"k": 50, "threshold": 2.5})``, on top of the
-    preset's ``defense_options`` for that name when a preset is given."""
-    name, *parts = spec.split(":")
+    """``"density:k=50:threshold=2.5"`` → ``("density", {"k": 50, "threshold": 2.5})`` (the package's one
+    spec grammar, :func:`sanitizer.options.parse_policy_spec`), on top of the preset's ``defense_options``
+    for that name when a preset is given."""
+    name, given = parse_policy_spec(spec, SystemExit)
     options = dict(preset.defense_options.get(name, {})) if preset is not None else {}
-    for part in parts:
-        if "=" not in part:
-            raise SystemExit(f"bad defense option {part!r} in {spec!r}; write name:key=value")
-        key, raw = part.split("=", 1)
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return name, options
+    return name, {**options, **given}
 
 
 def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) -> tuple[Policy, dict]:

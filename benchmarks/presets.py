@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 from sanitizer.attacks import PoisonSet
 from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
 from sanitizer.models import CompactCNN, make_model
+from sanitizer.options import parse_key_values
 from sanitizer.progress import log
 from sanitizer.train import TrainConfig, accuracy, train_classifier
 
@@ -86,19 +86,10 @@ class Preset:
         """A copy with ``field=value`` assignments applied (values parsed as JSON when they parse)."""
         names = {f.name: f for f in dataclasses.fields(self)}
         changes = {}
-        for item in assignments:
-            if "=" not in item:
-                raise SystemExit(f"--set expects field=value, got {item!r}")
-            key, raw = item.split("=", 1)
+        for key, value in parse_key_values(assignments, "--set", SystemExit).items():
             if key not in names:
                 raise SystemExit(f"unknown preset field {key!r}; fields: {', '.join(names)}")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            if key == "milestones":
-                value = tuple(value)
-            changes[key] = value
+            changes[key] = tuple(value) if key == "milestones" else value
         return dataclasses.replace(self, **changes)
 
 

@@ -216,3 +216,16 @@ def test_dense_side_acts_in_the_first_rounds_only():
     always = make_policy("density", two_sided=True, dense_rounds=None, max_fraction=0.2)
     always.start_round(5)
     assert np.isin(np.arange(300, 330), always.select(x, y).dropped).all()
+
+
+def test_a_policy_spec_carries_its_options():
+    policy = make_policy("density:k=7:two_sided=true:threshold=2.5")
+    assert (policy.k, policy.two_sided, policy.threshold) == (7, True, 2.5)
+    assert make_policy("epic:fraction=0.3").fraction == 0.3
+    assert make_policy("epic-0.2").fraction == 0.2
+    with pytest.raises(SanitizerError, match="both"):
+        make_policy("density:k=7", k=9)
+    with pytest.raises(SanitizerError, match="KEY=VALUE"):
+        make_policy("density:k")
+    with pytest.raises(SanitizerError, match="bad options"):
+        make_policy("density:nosuch=1")

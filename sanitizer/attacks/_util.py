@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,24 +12,7 @@ from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.embeddings import EvalMode as eval_mode  # noqa: F401  (the attacks' name for it)
 from sanitizer.embeddings import model_device as module_device  # noqa: F401
 from sanitizer.errors import SanitizerError, check_positive_int  # noqa: F401  (one check for the whole package)
-
-
-def parse_key_values(items: list[str], option: str = "--param",
-                     error: Callable[[str], BaseException] = SanitizerError) -> dict:
-    """The command line's ``KEY=VALUE`` options as a dict: ``["steps=250", "flip=false", "mode=x"]`` →
-    ``{"steps": 250, "flip": False, "mode": "x"}``. Values are read as JSON, else true/false in any case
-    as booleans, else kept as text; keys are stripped. An item without ``=`` raises ``error`` naming
-    ``option`` (``sanitizer attack --param``, ``sanitizer certify --policy-option``)."""
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise error(f"{option} expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        try:
-            params[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            params[key.strip()] = {"true": True, "false": False}.get(text.lower(), text)
-    return params
+from sanitizer.options import parse_key_values  # noqa: F401  (the one KEY=VALUE grammar)
 
 
 def require(value, name: str, attack: str, hint: str = ""):

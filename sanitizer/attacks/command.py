@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanitizer.attacks._util import parse_key_values
 from sanitizer.attacks.base import available_attacks, default_budget, make_attack, resolve_budget
 from sanitizer.data import (
     ImageTensorDataset,
@@ -47,6 +46,7 @@ from sanitizer.data import (
 )
 from sanitizer.errors import SanitizerError
 from sanitizer.models import make_model
+from sanitizer.options import parse_key_values
 from sanitizer.progress import log
 
 DATA_NAMES = ("digits", "cifar10")
@@ -112,7 +112,7 @@ def _budget(text: str) -> int | float:
 
 def parse_params(items: list[str]) -> dict:
     """``--param`` values: ``["steps=250", "flip=false", "mode=x"]`` → ``{"steps": 250, "flip": False,
-    "mode": "x"}`` (see :func:`sanitizer.attacks._util.parse_key_values`, which other commands share)."""
+    "mode": "x"}`` (see :func:`sanitizer.options.parse_key_values`, which other commands share)."""
     return parse_key_values(items, "--param", SystemExit)
 
 

@@ -122,7 +122,7 @@ def load_source(source: dict[str, Any], data_root: str, poisons_path: str | None
 
 
 def _policy_options(pairs: list[str]) -> dict[str, Any]:
-    from sanitizer.attacks._util import parse_key_values  # the one KEY=VALUE grammar (attack --param too)
+    from sanitizer.options import parse_key_values  # the one KEY=VALUE grammar (attack --param too)
 
     return parse_key_values(pairs, "--policy-option")
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sanitizer.errors import SanitizerError, check_embeddings, check_labels
+from sanitizer.options import parse_policy_spec
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
@@ -91,7 +92,8 @@ def available_policies() -> list[str]:
 
 
 def make_policy(policy: str | Policy, **options) -> Policy:
-    """A policy instance from a name such as ``"density"``, ``"epic"``, ``"epic-0.2"`` or ``"random"``."""
+    """A policy instance from a name such as ``"density"``, ``"epic"``, ``"epic-0.2"`` or ``"random"``, with
+    options as keywords or written into the name: ``make_policy("density:k=50:two_sided=true")``."""
     if isinstance(policy, Policy):
         if options:
             raise SanitizerError("options given together with a policy instance; configure the instance instead")
@@ -100,6 +102,13 @@ def make_policy(policy: str | Policy, **options) -> Policy:
         raise SanitizerError(f"policy must be a name such as 'density' or a Policy instance, got "
                              f"{type(policy).__name__}; available: {', '.join(available_policies())}")
     name = policy
+    if ":" in name:  # "density:k=50:threshold=2.5": options written into the name (sanitizer.options)
+        name, written = parse_policy_spec(name)
+        clash = sorted(set(written) & set(options))
+        if clash:
+            raise SanitizerError(f"option(s) {clash} given both in {policy!r} and as keywords; give each once")
+        options = {**written, **options}
+        policy = name
     if name.startswith("epic-"):  # "epic-0.2" is EPIC with subset fraction 0.2, as in the paper
         try:
             fraction = float(policy.split("-", 1)[1])
