@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
+from sanitizer.errors import SanitizerError, check_labels, check_positive_int, check_threshold
 from sanitizer.neighbors import (
     class_isolation,
     class_isolation_factored,
@@ -91,8 +91,9 @@ class DensityPolicy(Policy):
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0):
         # the explicit last-layer embedding is an outer product per row: its exact kNN needs C + d work per
         # pair instead of C·d (neighbors.knn_factored); remember the class count to look for that form
-        self._num_classes = num_classes if num_classes is not None else int(np.max(np.asarray(labels))) + 1
-        return super().select(embeddings, labels, num_classes=num_classes, seed=seed)
+        y = check_labels(labels, num_classes)
+        self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
+        return super().select(embeddings, y, num_classes=num_classes, seed=seed)
 
     def _isolation(self, x: np.ndarray) -> np.ndarray:
         factors = None
