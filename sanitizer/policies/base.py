@@ -47,6 +47,8 @@ class Policy:
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         x = check_embeddings(embeddings, len(labels))
         y = check_labels(labels, num_classes)
+        # the number of classes, for select_class implementations that read the embedding's layout
+        self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
         keep = np.ones(len(y), dtype=bool)
         scores = np.zeros(len(y), dtype=np.float64)
         info: dict[str, Any] = {"per_class": {}, "skipped_classes": []}

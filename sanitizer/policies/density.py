@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_labels, check_positive_int, check_threshold
+from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
 from sanitizer.neighbors import (
     class_isolation,
     class_isolation_factored,
@@ -88,14 +88,9 @@ class DensityPolicy(Policy):
     def dense_side_active(self) -> bool:
         return self.two_sided and (self.dense_rounds is None or self._round < self.dense_rounds)
 
-    def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0):
-        # the explicit last-layer embedding is an outer product per row: its exact kNN needs C + d work per
-        # pair instead of C·d (neighbors.knn_factored); remember the class count to look for that form
-        y = check_labels(labels, num_classes)
-        self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
-        return super().select(embeddings, y, num_classes=num_classes, seed=seed)
-
     def _isolation(self, x: np.ndarray) -> np.ndarray:
+        # the explicit last-layer embedding is an outer product per row: its exact kNN needs C + d work per
+        # pair instead of C·d (neighbors.knn_factored); the class count comes from Policy.select
         factors = None
         if self.backend == "auto" and len(x) > self.k:
             factors = outer_product_factors(x, getattr(self, "_num_classes", 0))
