@@ -180,3 +180,16 @@ def test_automatic_harvest_keeps_the_pass_where_it_cannot_hook_and_explicit_harv
     assert Sanitizer(model, data, harvest=None, epochs=3, verbose=False).harvester is not None
     with pytest.raises(SanitizerError, match="nn.Linear"):
         Sanitizer(NoLinear(), data, embedding="logits", harvest=True, epochs=3, verbose=False)
+
+
+def test_the_harvest_state_survives_a_weights_only_checkpoint(tmp_path):
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=5, harvest=True, verbose=False)
+    loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
+    frozen_epochs(model, loader, sanitizer, epochs=2)
+    torch.save({"sanitizer": sanitizer.state_dict()}, tmp_path / "ckpt.pt")
+    restored = Sanitizer(model, data, policy="none", warmup=5, harvest=True, verbose=False)
+    restored.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["sanitizer"])
+    h, z, have = restored.harvester.rows(np.arange(len(data)), since_epoch=1)
+    assert have.all()
+    assert torch.equal(h, sanitizer.harvester.h) and torch.equal(z, sanitizer.harvester.z)
