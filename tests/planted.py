@@ -47,14 +47,34 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def uninterrupted_and_resumed(ds, cfg, fresh, stop: int):
-    """Train ``cfg.epochs`` epochs twice with :func:`~sanitizer.train.continue_training`: straight
-    through, and stopped after epoch ``stop - 1``, checkpointed (model, optimizer, scheduler, sanitizer),
-    rebuilt with ``fresh()`` and resumed. ``fresh()`` returns ``(model, optimizer, scheduler, sanitizer)``.
-    Returns the two ``(model, sanitizer)`` pairs."""
+def planted_images(n: int = 240, seed: int = 0) -> tuple[ImageTensorDataset, np.ndarray]:
+    """Two-class 8×8 images; six examples of class 0 look like class 1 (isolated in their class)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.rand(n, 1, 8, 8, generator=gen) * 0.3
+    x[y == 1] += 0.6
+    planted = torch.tensor([0, 2, 4, 6, 8, 10])
+    x[planted] += 0.6  # class-0 label, class-1 look
+    return ImageTensorDataset(x.clamp(0, 1), y, num_classes=2), planted.numpy()
+
+
+def uninterrupted_and_resumed(ds, cfg, stop: int, **sanitizer_options):
+    """Train ``cfg.epochs`` epochs twice with :func:`~sanitizer.train.continue_training` (a small CompactCNN,
+    SGD with momentum, a step scheduler, a Sanitizer with ``sanitizer_options``): straight through, and
+    stopped after epoch ``stop - 1``, checkpointed (model, optimizer, scheduler, sanitizer), rebuilt and
+    resumed. Returns the two ``(model, sanitizer)`` pairs."""
     import copy
 
+    from sanitizer import Sanitizer
+    from sanitizer.models import CompactCNN
     from sanitizer.train import continue_training
+
+    def fresh():
+        torch.manual_seed(0)
+        model = CompactCNN(1, 2, width=4)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+        return model, opt, sched, Sanitizer(model, ds, **sanitizer_options)
 
     model, opt, sched, san = fresh()
     continue_training(model, ds, cfg, opt, sched, san, 0, cfg.epochs)

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from planted import uninterrupted_and_resumed
+from planted import planted_images, uninterrupted_and_resumed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -128,26 +128,13 @@ def test_a_replicated_last_layer_turns_harvest_off():
 def test_resuming_before_a_round_drops_what_the_uninterrupted_run_drops():
     """The harvested rows travel in state_dict(): a checkpoint between an epoch and the round that reads
     its rows resumes exactly."""
-    from sanitizer.data import ImageTensorDataset
-    from sanitizer.models import CompactCNN
     from sanitizer.train import TrainConfig
 
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(240) % 2
-    x = torch.rand(240, 1, 8, 8, generator=gen) * 0.3 + 0.6 * y[:, None, None, None]
-    x[:6] += 0.6 * (1 - y[:6, None, None, None])  # six class-0 examples that look like class 1
-    ds = ImageTensorDataset(x.clamp(0, 1), y, num_classes=2)
+    ds, _ = planted_images()
     cfg = TrainConfig(epochs=5, lr=0.05, batch_size=32, augment=False, seed=0)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = CompactCNN(1, 2, width=4)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, 3)
-        san = Sanitizer(model, ds, warmup=2, every=2, harvest=True, verbose=False, policy_options={"threshold": 2.0})
-        return model, opt, sched, san
-
-    (_, san), (_, san3) = uninterrupted_and_resumed(ds, cfg, fresh, stop=2)  # stop before the round at epoch 2
+    # stop before the round at epoch 2, which reads epoch 1's harvested rows
+    (_, san), (_, san3) = uninterrupted_and_resumed(ds, cfg, stop=2, warmup=2, every=2, harvest=True, verbose=False,
+                                                    policy_options={"threshold": 2.0})
     assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
     assert san3.history[-2]["harvest"]["harvested"] == len(ds)  # the round at epoch 2 read restored rows
 

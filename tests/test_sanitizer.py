@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from planted import uninterrupted_and_resumed
+from planted import planted_images, uninterrupted_and_resumed
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, WeightedRandomSampler
 
 from sanitizer import Sanitizer
@@ -13,16 +13,7 @@ from sanitizer.noise_screen import gradient_rounds
 from sanitizer.sampler import KeepSampler
 from sanitizer.train import TrainConfig, train_classifier
 
-
-def planted_dataset(n=240, seed=0):
-    """Two-class images; six examples of class 0 look like class 1 (isolated in their class)."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = torch.rand(n, 1, 8, 8, generator=gen) * 0.3
-    x[y == 1] += 0.6
-    planted = torch.tensor([0, 2, 4, 6, 8, 10])
-    x[planted] += 0.6  # class-0 label, class-1 look
-    return ImageTensorDataset(x.clamp(0, 1), y, num_classes=2), planted.numpy()
+planted_dataset = planted_images  # the name these tests use
 
 
 def test_keep_sampler_yields_each_kept_index_once_and_never_a_dropped_one():
@@ -131,17 +122,9 @@ def test_planted_points_are_dropped_during_training():
 
 def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
     ds, _ = planted_dataset()
-    kwargs = dict(warmup=2, every=2, policy_options={"threshold": 2.0})
     cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, augment=False, seed=0)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = CompactCNN(1, 2, width=4)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, 3)
-        return model, opt, sched, Sanitizer(model, ds, **kwargs)
-
-    (model, san), (model3, san3) = uninterrupted_and_resumed(ds, cfg, fresh, stop=3)
+    (model, san), (model3, san3) = uninterrupted_and_resumed(ds, cfg, stop=3, warmup=2, every=2,
+                                                                  policy_options={"threshold": 2.0})
 
     np.testing.assert_array_equal(san.dropped, san3.dropped)
     assert [r["dropped_now"] for r in san.history] == [r["dropped_now"] for r in san3.history]
