@@ -324,6 +324,7 @@ class Sanitizer:
         # held weakly: a loader dropped by the user frees its sampler (wrap() every epoch does not grow this)
         self._samplers = SamplerRegistry()
         self.harvester: Harvester | None = None
+        self._harvest_counts: dict[str, Any] | None = None  # what the last harvested embedding took from where
         if harvest and self.embedding not in HARVESTABLE:
             raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
                                  f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
@@ -420,7 +421,7 @@ class Sanitizer:
             self.last_embeddings[candidates] = emb.numpy()
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
         if self.harvester is not None:
-            record["harvest"] = getattr(self, "_harvest_counts", None)
+            record["harvest"] = self._harvest_counts
         if audit is not None:
             record["audit"] = audit
         if self.action == "unlearn" and len(dropped_now):
@@ -593,13 +594,12 @@ class Sanitizer:
 
     def _embed(self, candidates: np.ndarray, kind: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
-        if self.harvester is not None and (kind or self.embedding) in HARVESTABLE:
-            if self._sharded():
-                return self._embed_harvested_distributed(candidates, kind or self.embedding)
-            return self._embed_harvested(candidates, kind or self.embedding)
+        harvested = self.harvester is not None and (kind or self.embedding) in HARVESTABLE
         if self._sharded():
+            if harvested:
+                return self._embed_harvested_distributed(candidates, kind or self.embedding)
             return gather_embeddings(rows, candidates)
-        emb = rows(candidates)
+        emb = self._embed_harvested(candidates, kind or self.embedding) if harvested else rows(candidates)
         return self.gather(emb) if self.gather is not None else emb
 
     def _embed_rows(self, indices: np.ndarray, kind: str | None = None) -> torch.Tensor:

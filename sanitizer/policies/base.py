@@ -43,11 +43,11 @@ class Policy:
     # starts, with the policy's ``screen_threshold``
     screen: bool = False
     screen_threshold: float = 3.5
+    _num_classes: int = 0  # set by select() for select_class implementations that read the embedding's layout
 
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         x = check_embeddings(embeddings, len(labels))
         y = check_labels(labels, num_classes)
-        # the number of classes, for select_class implementations that read the embedding's layout
         self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
         keep = np.ones(len(y), dtype=bool)
         scores = np.zeros(len(y), dtype=np.float64)

@@ -93,7 +93,7 @@ class DensityPolicy(Policy):
         # pair instead of C·d (neighbors.knn_factored); the class count comes from Policy.select
         factors = None
         if self.backend == "auto" and len(x) > self.k:
-            factors = outer_product_factors(x, getattr(self, "_num_classes", 0))
+            factors = outer_product_factors(x, self._num_classes)
         if factors is not None:
             return class_isolation_factored(*factors, self.k)
         return class_isolation(x, self.k, self.backend)
