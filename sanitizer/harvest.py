@@ -34,7 +34,7 @@ class Harvester:
     Example:
         >>> harvester = Harvester(size=len(train_set))               # doctest: +SKIP
         >>> harvester.attach(model.fc)                                # doctest: +SKIP
-        >>> harvester.start_order(np.array(list(sampler)), epoch=0)  # the sampler does this itself
+        >>> harvester.start_order(np.array(list(sampler)), epoch=0)  # doctest: +SKIP (the sampler does this)
         >>> ...train one epoch...                                     # doctest: +SKIP
         >>> h, z, have = harvester.rows(np.arange(len(train_set)))    # doctest: +SKIP
     """
