@@ -54,7 +54,7 @@ def residual(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def last_layer(logits: np.ndarray, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(softmax − onehot) ⊗ [h; 1], the exact last-layer gradient (what ``kind='last_layer'`` computes)."""
+    """(softmax − onehot) ⊗ [h; 1], the exact last-layer gradient (what ``embedding='last_layer'`` computes)."""
     e = residual(logits, labels)
     h1 = np.concatenate([features, np.ones((len(features), 1), np.float32)], 1)
     return (e[:, :, None] * h1[:, None, :]).reshape(len(e), -1).astype(np.float32)

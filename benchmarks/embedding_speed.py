@@ -50,7 +50,7 @@ def main() -> None:
             else:
                 kind = "logits" if name == "logits" else "last_layer"
                 max_dim = 1024 if "sketch" in name else 10**7
-                gradient_embeddings(model, data, kind=kind, batch_size=args.batch_size, max_dim=max_dim)
+                gradient_embeddings(model, data, embedding=kind, batch_size=args.batch_size, max_dim=max_dim)
             sync()
             results[name].append(time.perf_counter() - t0)
     base = min(results["forward"])

@@ -63,8 +63,8 @@ def round_printer(seed: int, data, flipped: np.ndarray):
     labels = data.labels.numpy()
 
     def hook(s, epoch, candidates, emb, selection):
-        feats = gradient_embeddings(s.model, data, kind="features").numpy()
-        probs = gradient_embeddings(s.model, data, kind="logits").numpy() + np.eye(s.num_classes)[labels]
+        feats = gradient_embeddings(s.model, data, embedding="features").numpy()
+        probs = gradient_embeddings(s.model, data, embedding="logits").numpy() + np.eye(s.num_classes)[labels]
         agree, _ = knn_label_shares(feats, labels, 10)
         signals = {"isolation (density score)": selection.scores,
                    "1 - p(label)": 1 - probs[np.arange(len(labels)), labels],

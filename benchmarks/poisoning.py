@@ -46,6 +46,8 @@ import torch
 from benchmarks.presets import PRESETS, Preset, Setting, VictimData, get_preset, make_setting
 from sanitizer.attacks import PoisonSet, make_attack
 from sanitizer.attacks.base import _ATTACKS
+from sanitizer.config import FIELDS as CONFIG_FIELDS
+from sanitizer.config import RUN_SPECIFIC
 from sanitizer.core import Sanitizer
 from sanitizer.noise_screen import gradient_rounds
 from sanitizer.options import parse_policy_spec
@@ -57,8 +59,10 @@ from sanitizer.train import continue_training, make_optimizer, predict_proba
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
 PURIFIERS = ("jpeg", "friendly_noise")
 SCHEDULE_KEYS = ("warmup", "every", "stop_epoch")
-# options of the Sanitizer, not of the policy: density:action=unlearn:unlearn_lr=0.01
-SANITIZER_KEYS = ("embedding", "action", "unlearn_lr", "unlearn_passes", "harvest")
+# options of the Sanitizer (sanitizer.config), not of the policy: density:action=unlearn:harvest=true; the
+# harness sets the run-specific ones (seed, classes, epochs) itself; unlearn_lr / unlearn_passes are short-hands
+SANITIZER_KEYS = tuple(key for key in CONFIG_FIELDS if key not in ("policy", "policy_options", *SCHEDULE_KEYS,
+                                                                   *RUN_SPECIFIC)) + ("unlearn_lr", "unlearn_passes")
 NEVER = 10**9
 
 
@@ -98,13 +102,12 @@ def build_policy(spec: str, preset: Preset, matched_counts: list[int] | None) ->
 def sanitizer_options(spec: str, preset: Preset) -> dict[str, Any]:
     """The Sanitizer keywords a defense spec sets (embedding, action and the unlearning options)."""
     options = parse_defense(spec, preset)[1]
-    out: dict[str, Any] = {"embedding": options.get("embedding"), "action": options.get("action", "drop"),
-                           "harvest": bool(options.get("harvest", False))}
+    out: dict[str, Any] = {key: options[key] for key in SANITIZER_KEYS if key in options and key in CONFIG_FIELDS}
     unlearn = {key: options[f"unlearn_{key}"] for key in ("lr", "passes") if f"unlearn_{key}" in options}
     if "passes" in unlearn:
         unlearn["max_passes"] = unlearn.pop("passes")
     if unlearn:
-        out["unlearn_options"] = unlearn
+        out["unlearn_options"] = {**out.get("unlearn_options", {}), **unlearn}
     return out
 
 

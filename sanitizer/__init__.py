@@ -5,6 +5,7 @@ isolated examples on a schedule while the model trains.
 """
 
 from sanitizer.attach import SanitizedLoader, attach
+from sanitizer.config import SanitizerConfig
 from sanitizer.core import RoundRecord, Sanitizer
 from sanitizer.embeddings import find_last_linear, gradient_embeddings
 from sanitizer.policies import Policy, Selection, available_policies, make_policy, register_policy, select
@@ -15,6 +16,7 @@ __all__ = [
     "RoundRecord",
     "SanitizedLoader",
     "Sanitizer",
+    "SanitizerConfig",
     "Selection",
     "attach",
     "available_policies",

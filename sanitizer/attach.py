@@ -7,11 +7,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sanitizer.core import Sanitizer
+from sanitizer.core import KeptLoader, Sanitizer
 from sanitizer.errors import SanitizerError
 
 
-class SanitizedLoader(DataLoader):
+class SanitizedLoader(KeptLoader):
     """A DataLoader over the kept examples in which every pass is one epoch.
 
     ``iter(loader)`` (the start of ``for x, y in loader:``) first calls
@@ -28,16 +28,9 @@ class SanitizedLoader(DataLoader):
                 ...
     """
 
-    sanitizer: Sanitizer
-
     def __iter__(self):
         self.sanitizer.start_epoch(self.sanitizer.epoch + 1)
-        if len(self) == 0:
-            raise SanitizerError(
-                f"epoch {self.sanitizer.epoch} has no batches: {int(self.sanitizer.keep.sum())} examples are kept "
-                f"and the loader has batch_size={self.batch_size} with drop_last=True. Use a smaller batch size "
-                "or drop_last=False")
-        return super().__iter__()
+        return super().__iter__()  # refuses an epoch without batches
 
 
 def attach(model: nn.Module, loader: DataLoader, *, embed_dataset: Dataset | None = None, epochs: int | None = None,
@@ -65,6 +58,4 @@ def attach(model: nn.Module, loader: DataLoader, *, embed_dataset: Dataset | Non
         raise SanitizerError(f"attach takes a torch.utils.data.DataLoader, got {type(loader).__name__}; build one "
                              "with DataLoader(train_set, batch_size=..., shuffle=True)")
     sanitizer = Sanitizer(model, loader.dataset, embed_dataset=embed_dataset, epochs=epochs, **options)
-    wrapped = sanitizer._wrap(loader, SanitizedLoader)
-    wrapped.sanitizer = sanitizer
-    return wrapped
+    return sanitizer._wrap(loader, SanitizedLoader)

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
+        print("sanitizer: error: name a command (sanitizer COMMAND --help shows its options)", file=sys.stderr)
         return 2
     try:
         return int(args.handler(args) or 0)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sanitizer.config import FIELDS as CONFIG_FIELDS
+from sanitizer.config import SanitizerConfig, default_schedule
 from sanitizer.distributed import (
     broadcast_mask,
     gather_embeddings,
@@ -20,8 +22,8 @@ from sanitizer.distributed import (
     is_main_process,
     unwrap_model,
 )
-from sanitizer.embeddings import embed_outputs, gradient_embeddings, last_linear_of
-from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
+from sanitizer.embeddings import check_embedding_name, embed_outputs, gradient_embeddings, last_linear_of
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
 from sanitizer.harvest import Harvester
 from sanitizer.noise_screen import (
     GROUP_CUT,
@@ -31,7 +33,7 @@ from sanitizer.noise_screen import (
     image_dataset_noise_floor,
     screen_decision,
 )
-from sanitizer.policies import Policy, make_policy
+from sanitizer.policies import Policy, available_policies, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
 from sanitizer.stats import mix_seed
@@ -41,28 +43,48 @@ STATE_VERSION = 1
 STATE_KEYS = ("version", "size", "keep", "history", "epoch", "seed", "policy")
 # drop: flagged examples leave the training set; unlearn: they also get gradient ascent until the
 # model is at chance on them (sanitizer.unlearn), undoing what they already taught it.
-ACTIONS = ("drop", "unlearn")
 HARVESTABLE = ("last_layer", "logits", "features")  # embeddings computable from the last layer's input and output
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Labels of every example: from ``.labels`` / ``.targets`` when present, else by indexing."""
+    """Labels of every example as given (``.labels`` / ``.targets`` when present, else by indexing), not cast:
+    :func:`~sanitizer.errors.check_labels` refuses 1.7, NaN or strings instead of a cast truncating them."""
     for attr in ("labels", "targets"):
         if hasattr(dataset, attr):
             labels = getattr(dataset, attr)
-            return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+            return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     out = []
     for i in range(len(dataset)):
         item = dataset[i]
         if isinstance(item, Mapping) and ("labels" in item or "label" in item):
-            out.append(int(item["labels"] if "labels" in item else item["label"]))
+            out.append(_label_value(item["labels"] if "labels" in item else item["label"]))
             continue
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise SanitizerError(f"the dataset yields {type(item).__name__} items; the sanitizer understands "
                                  "(input, label, ...) tuples and dicts with a 'labels' entry. For other items pass "
                                  "to_xy=lambda item: (input, label), e.g. to_xy=lambda d: (d['image'], d['target'])")
-        out.append(int(item[1]))
-    return np.asarray(out, dtype=np.int64)
+        out.append(_label_value(item[1]))
+    return np.asarray(out)
+
+
+def _label_value(label: Any) -> Any:
+    """One item's label as a Python scalar (a one-element tensor or array is unwrapped), uncast."""
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        return label.item()
+    if isinstance(label, np.ndarray) and label.size == 1:
+        return label.item()
+    return label
+
+
+def _state_int(state: Mapping[str, Any], key: str, minimum: int) -> int:
+    """An integer entry of a saved state (a bool, 1.5 or "a" is refused, not cast)."""
+    value = state[key]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SanitizerError(f"the state's {key!r} must be an integer >= {minimum}, got {value!r}; the state is "
+                             "corrupt or was edited")
+    return int(value)
 
 
 class XYView(Dataset):
@@ -140,20 +162,6 @@ class RoundRecord(dict):
     __str__ = __repr__
 
 
-def default_schedule(warmup: int | None, every: int | None, epochs: int | None) -> tuple[int, int]:
-    """The round schedule: given values win; otherwise (``epochs`` known) the first round starts after
-    30 % of the training and the next ones every fifth of it, or after 10 epochs and every 5 when
-    ``epochs`` is not given. 30 %: on CIFAR-10 from scratch, poisons that are learned abnormally fast
-    stand out from 30 % to 50 % of the training (the dense side of the ``density`` policy acts in
-    that first round) and not yet after 20 % (benchmarks/RESULTS.md)."""
-    if epochs is not None:
-        epochs = check_positive_int(epochs, "epochs")
-    if epochs is None:
-        return (10 if warmup is None else warmup), (5 if every is None else every)
-    return (max(1, round(0.3 * epochs)) if warmup is None else warmup,
-            max(1, round(0.2 * epochs)) if every is None else every)
-
-
 def _differs(a: Any, b: Any) -> bool:
     """Whether two fetches of the same dataset item differ (tensors compared exactly)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -178,6 +186,22 @@ def _state_keep(keep: Any, size: int) -> np.ndarray:
         raise SanitizerError(f"the saved keep mask has shape {arr.shape}, expected ({size},) (one flag per "
                              "example); the state is corrupt or was edited: save it again with Sanitizer.state_dict()")
     return arr.copy()
+
+
+class KeptLoader(DataLoader):
+    """What :meth:`Sanitizer.wrap` returns: a DataLoader over the kept examples (``loader.sanitizer`` is its
+    sanitizer) that refuses to run an epoch without batches, which a ``drop_last`` loader would do without
+    a word once fewer examples are kept than one batch holds."""
+
+    sanitizer: Sanitizer
+
+    def __iter__(self):
+        if len(self) == 0:
+            raise SanitizerError(
+                f"epoch {self.sanitizer.epoch} has no batches: {int(self.sanitizer.keep.sum())} examples are kept "
+                f"and the loader has batch_size={self.batch_size} with drop_last=True. Use a smaller batch size "
+                "or drop_last=False")
+        return super().__iter__()
 
 
 class Sanitizer:
@@ -264,10 +288,14 @@ class Sanitizer:
             warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
                           "every 5 epochs, so a shorter run drops nothing. Pass epochs=<your number of epochs> "
                           "(first round after 30 % of training) or warmup= and every=.", stacklevel=2)
-        warmup, every = default_schedule(warmup, every, epochs)
-        warmup, every = check_positive_int(warmup, "warmup", 0), check_positive_int(every, "every")
-        if stop_epoch is not None:
-            stop_epoch = check_positive_int(stop_epoch, "stop_epoch", 0)
+        # every plain-value option is validated in one place (sanitizer.config)
+        options = SanitizerConfig(
+            policy=policy, policy_options=policy_options or {}, embedding=embedding, epochs=epochs, warmup=warmup,
+            every=every, stop_epoch=stop_epoch, cumulative=cumulative, batch_size=batch_size, max_dim=max_dim,
+            num_classes=num_classes, seed=seed, action=action, unlearn_options=unlearn_options or {},
+            harvest=harvest, audit=audit, audit_policies=audit_policies, keep_embeddings=keep_embeddings,
+            check=check, verbose=verbose)
+        warmup, every, stop_epoch = options.warmup, options.every, options.stop_epoch
         if epochs is not None and warmup >= epochs:
             suggested = default_schedule(None, None, epochs)
             warnings.warn(f"warmup={warmup} but training has {epochs} epochs: no sanitization round will run and "
@@ -289,17 +317,16 @@ class Sanitizer:
             raise SanitizerError(f"screen_dataset has {len(self.screen_dataset)} examples but the training "
                                  f"dataset has {self.size}; it must hold the same examples' images in the same order")
         self.labels = check_labels(dataset_labels(self.embed_dataset), num_classes)
-        self.num_classes = num_classes or int(self.labels.max()) + 1
-        if action not in ACTIONS:
-            raise SanitizerError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")
+        self.num_classes = options.num_classes or int(self.labels.max()) + 1
         self.action = action
-        self.unlearn_options = dict(unlearn_options or {})
-        self.policy = make_policy(policy, **(policy_options or {}))
-        self.embedding = embedding or self.policy.embedding_kind or "last_layer"
+        self.unlearn_options = options.unlearn_options
+        self.policy = options.make_policy()
+        self.embedding = check_embedding_name(embedding or self.policy.embedding or "last_layer")
         self.warmup, self.every, self.stop_epoch, self.cumulative = warmup, every, stop_epoch, cumulative
-        self.batch_size, self.device, self.last_layer, self.max_dim = batch_size, device, last_layer, max_dim
-        self.seed = seed
-        self.keep_embeddings = keep_embeddings
+        self.batch_size, self.device, self.last_layer, self.max_dim = options.batch_size, device, last_layer, \
+            options.max_dim
+        self.seed = options.seed
+        self.keep_embeddings, self.check, self.harvest = keep_embeddings, check, harvest
         # Under torch.distributed (world size > 1) and with no gather hook, every rank embeds its
         # shard of the candidates and the rows are all-gathered (sanitizer.distributed).
         self.gather = gather
@@ -309,7 +336,7 @@ class Sanitizer:
         # certificate's per-round gradient statistics). Hooks must not change the keep mask.
         self.round_hooks = list(round_hooks or [])
         self.verbose = verbose
-        self.audit = bool(audit)
+        self.audit = audit
         self.audit_policies = self._name_policies(audit_policies)
         # (epoch, policy label) -> float32 [size] scores (NaN where not a candidate), for every round
         self.audit_scores: dict[tuple[int, str], np.ndarray] = {}
@@ -332,6 +359,32 @@ class Sanitizer:
             self._check_model_and_data()
         if harvest or (harvest is None and self.embedding in HARVESTABLE):
             self._start_harvest(required=bool(harvest))
+
+    @classmethod
+    def from_config(cls, model: nn.Module, dataset: Dataset, config: SanitizerConfig, **objects: Any) -> Sanitizer:
+        """A sanitizer from a :class:`~sanitizer.config.SanitizerConfig`; ``objects`` are the keywords that are
+        not configuration (``embed_dataset``, ``to_xy``, ``gather``, ``round_hooks``, ``device``, ...)."""
+        if not isinstance(config, SanitizerConfig):
+            raise SanitizerError(f"config must be a SanitizerConfig, got {type(config).__name__} "
+                                 "(SanitizerConfig.from_dict(d) reads a dict)")
+        clash = sorted(set(objects) & set(CONFIG_FIELDS))
+        if clash:
+            raise SanitizerError(f"{clash} are configuration: set them in the SanitizerConfig, not beside it")
+        return cls(model, dataset, **config.sanitizer_keywords(), **objects)
+
+    @property
+    def config(self) -> SanitizerConfig:
+        """The resolved configuration (the policy's full options, the schedule in use): what a certificate
+        records, and what :meth:`from_config` rebuilds an equivalent sanitizer from."""
+        registered = self.policy.name in available_policies()
+        return SanitizerConfig(
+            policy=self.policy.name if registered else self.policy,
+            policy_options=dict(self.policy.config()) if registered else {}, embedding=self.embedding,
+            epochs=self.epochs, warmup=self.warmup, every=self.every, stop_epoch=self.stop_epoch,
+            cumulative=self.cumulative, batch_size=self.batch_size, max_dim=self.max_dim,
+            num_classes=self.num_classes, seed=self.seed, action=self.action, unlearn_options=self.unlearn_options,
+            harvest=self.harvest, audit=self.audit, audit_policies=tuple(self.audit_policies),
+            keep_embeddings=self.keep_embeddings, check=self.check, verbose=self.verbose)
 
     # -- checks at construction (fail before training, not at the first round) -----------------------
     def _check_model_and_data(self) -> None:
@@ -521,21 +574,21 @@ class Sanitizer:
         decisions = {self.policy.name: (self.embedding, selection)}
         embeddings = {self.embedding: emb}
         for label, policy in self.audit_policies.items():
-            kind = policy.embedding_kind or self.embedding
-            if kind not in embeddings:
-                embeddings[kind] = self._embed(candidates, kind)
+            embedding_name = policy.embedding or self.embedding
+            if embedding_name not in embeddings:
+                embeddings[embedding_name] = self._embed(candidates, embedding_name)
             policy.start_round(len(self.history))
-            sel = policy.select(embeddings[kind], labels, num_classes=self.num_classes,
+            sel = policy.select(embeddings[embedding_name], labels, num_classes=self.num_classes,
                                 seed=self._round_seed(epoch))
-            decisions[label] = (kind, sel)
+            decisions[label] = (embedding_name, sel)
         out = {"mode": "audit" if self.audit else "drop", "policies": {}}
-        for label, (kind, sel) in decisions.items():
+        for label, (embedding_name, sel) in decisions.items():
             scores = np.full(self.size, np.nan, dtype=np.float32)
             scores[candidates] = sel.scores
             self.audit_scores[(int(epoch), label)] = scores
             would = candidates[~sel.keep]
             out["policies"][label] = {
-                "embedding": kind, "would_drop": [int(i) for i in would],
+                "embedding": embedding_name, "would_drop": [int(i) for i in would],
                 "per_class": {str(c): int((self.labels[would] == c).sum()) for c in range(self.num_classes)}}
         return out
 
@@ -592,52 +645,53 @@ class Sanitizer:
         ``gather=lambda e: e`` for independent per-process sanitizers in one process group)."""
         return self.gather is None and is_distributed()
 
-    def _embed(self, candidates: np.ndarray, kind: str | None = None) -> torch.Tensor:
-        rows = (lambda idx: self._embed_rows(idx, kind)) if kind else self._embed_rows
-        harvested = self.harvester is not None and (kind or self.embedding) in HARVESTABLE
+    def _embed(self, candidates: np.ndarray, embedding_name: str | None = None) -> torch.Tensor:
+        rows = (lambda idx: self._embed_rows(idx, embedding_name)) if embedding_name else self._embed_rows
+        harvested = self.harvester is not None and (embedding_name or self.embedding) in HARVESTABLE
         if self._sharded():
             if harvested:
-                return self._embed_harvested_distributed(candidates, kind or self.embedding)
+                return self._embed_harvested_distributed(candidates, embedding_name or self.embedding)
             return gather_embeddings(rows, candidates)
-        emb = self._embed_harvested(candidates, kind or self.embedding) if harvested else rows(candidates)
+        emb = self._embed_harvested(candidates, embedding_name or self.embedding) if harvested else rows(candidates)
         return self.gather(emb) if self.gather is not None else emb
 
-    def _embed_rows(self, indices: np.ndarray, kind: str | None = None) -> torch.Tensor:
-        return gradient_embeddings(unwrap_model(self.model), self.embed_dataset, kind=kind or self.embedding,
+    def _embed_rows(self, indices: np.ndarray, embedding_name: str | None = None) -> torch.Tensor:
+        return gradient_embeddings(unwrap_model(self.model), self.embed_dataset,
+                                   embedding=embedding_name or self.embedding,
                                    batch_size=self.batch_size, device=self.device, last_layer=self.last_layer,
                                    max_dim=self.max_dim, seed=self.seed, indices=indices,
                                    num_classes=self.num_classes, collate_fn=self.embed_collate)
 
-    def _embed_harvested(self, candidates: np.ndarray, kind: str) -> torch.Tensor:
+    def _embed_harvested(self, candidates: np.ndarray, embedding_name: str) -> torch.Tensor:
         """Rows from the last epoch's training steps; a pass only for the candidates it did not see."""
         h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
         self._harvest_counts = {"harvested": int(have.sum()), "embedded": int((~have).sum()),
                                 "off": self.harvester.broken}
         if not have.any():
-            return self._embed_rows(candidates, kind)
+            return self._embed_rows(candidates, embedding_name)
         y = torch.from_numpy(self.labels[candidates[have]])
-        emb, _ = embed_outputs(z, y, h, kind, self.num_classes, self.max_dim, self.seed)
+        emb, _ = embed_outputs(z, y, h, embedding_name, self.num_classes, self.max_dim, self.seed)
         if have.all():
             return emb
         out = torch.empty(len(candidates), emb.shape[1], dtype=emb.dtype)
         out[torch.from_numpy(have)] = emb
-        out[torch.from_numpy(~have)] = self._embed_rows(candidates[~have], kind).to(emb.dtype)
+        out[torch.from_numpy(~have)] = self._embed_rows(candidates[~have], embedding_name).to(emb.dtype)
         return out
 
-    def _embed_harvested_distributed(self, candidates: np.ndarray, kind: str) -> torch.Tensor:
+    def _embed_harvested_distributed(self, candidates: np.ndarray, embedding_name: str) -> torch.Tensor:
         """Each rank trained on its shard: gather the harvested rows by candidate position, then embed
         what no rank saw with the sharded pass (every rank knows the same gaps, so the collectives match)."""
         h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
         local = torch.zeros(0, 0)
         if have.any():
             y = torch.from_numpy(self.labels[candidates[have]])
-            local, _ = embed_outputs(z, y, h, kind, self.num_classes, self.max_dim, self.seed)
+            local, _ = embed_outputs(z, y, h, embedding_name, self.num_classes, self.max_dim, self.seed)
         out, filled = gather_rows_by_position(local, np.flatnonzero(have), len(candidates))
         self._harvest_counts = {"harvested": int(filled.sum()), "embedded": int((~filled).sum()),
                                 "off": self.harvester.broken}
         if filled.all():
             return out
-        rest = gather_embeddings(lambda idx: self._embed_rows(idx, kind), candidates[~filled])
+        rest = gather_embeddings(lambda idx: self._embed_rows(idx, embedding_name), candidates[~filled])
         if not filled.any():
             return rest
         out[torch.from_numpy(~filled)] = rest.to(out.dtype)
@@ -696,17 +750,20 @@ class Sanitizer:
         # without its own seed it follows the sanitizer's, also when load_state_dict adopts another one
         return self._samplers.add(s, follows_seed=seed is None)
 
-    def wrap(self, loader: DataLoader) -> DataLoader:
+    def wrap(self, loader: DataLoader) -> KeptLoader:
         """A DataLoader like ``loader`` (same dataset, batch size, workers, collate, ...) over kept indices."""
-        return self._wrap(loader, DataLoader)
+        return self._wrap(loader, KeptLoader)
 
-    def _wrap(self, loader: DataLoader, loader_class: type[DataLoader]) -> DataLoader:
+    def _wrap(self, loader: DataLoader, loader_class: type[KeptLoader]) -> KeptLoader:
         if loader.dataset is not self.dataset and check_map_dataset(loader.dataset) != self.size:
             raise SanitizerError(f"the loader's dataset has {len(loader.dataset)} examples but the sanitizer "
                                  f"was built on {self.size}")
         layout = sampler_layout(loader)
         sampler = self.sampler(**layout)
-        return loader_class(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **loader_settings(loader))
+        wrapped = loader_class(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                               **loader_settings(loader))
+        wrapped.sanitizer = self
+        return wrapped
 
     # -- certificate ----------------------------------------------------------------------------
     def certificate(self, path: str | None = None, **options: Any) -> dict[str, Any]:
@@ -737,13 +794,9 @@ class Sanitizer:
         self._check_state(state)
         self.keep = _state_keep(state["keep"], self.size)
         self.history = [RoundRecord(r) for r in state["history"]]
-        self.epoch = int(state["epoch"])
-        self._adopt_seed(int(state["seed"]))
-        self.audit_scores = {}
-        for key, value in state.get("audit_scores", {}).items():
-            epoch, label = key.split(":", 1)
-            self.audit_scores[(int(epoch), label)] = np.asarray(value.cpu() if isinstance(value, torch.Tensor)
-                                                                else value, dtype=np.float32)
+        self.epoch = _state_int(state, "epoch", -1)
+        self._adopt_seed(_state_int(state, "seed", -(2**63)))
+        self.audit_scores = self._state_audit_scores(state.get("audit_scores", {}))
         if self.harvester is not None and state.get("harvest") is not None:
             self.harvester.load_state_dict(state["harvest"])
         self._samplers.set_epoch(max(self.epoch, 0))
@@ -765,12 +818,30 @@ class Sanitizer:
         if state["version"] != STATE_VERSION:
             raise SanitizerError(f"unsupported sanitizer state version {state['version']!r} (this sanitizer reads "
                                  f"version {STATE_VERSION}); resume with the sanitizer version that saved it")
-        if int(state["size"]) != self.size:
+        if any(not isinstance(r.get("epoch"), int) for r in history):
+            raise SanitizerError("every round record in the state's history needs its integer 'epoch', as "
+                                 "Sanitizer.state_dict() saves it; the state is corrupt or was edited")
+        if _state_int(state, "size", 0) != self.size:
             raise SanitizerError(f"the checkpoint was taken on a dataset of {state['size']} examples, "
                                  f"this one has {self.size}; resume on the same dataset")
         if state["policy"] != self.policy.name:
             raise SanitizerError(f"the state was saved by a Sanitizer with policy {state['policy']!r}, this one uses "
                                  f"{self.policy.name!r}; build it with policy={state['policy']!r} to resume that run")
+
+    def _state_audit_scores(self, saved: Mapping[str, Any]) -> dict[tuple[int, str], np.ndarray]:
+        """The audit scores of a state, keyed ``"<epoch>:<policy>"``, each one score per example."""
+        out = {}
+        for key, value in saved.items():
+            epoch, sep, label = str(key).partition(":")
+            if not sep or not epoch.lstrip("-").isdigit():
+                raise SanitizerError(f"audit score key {key!r} in the state is not '<epoch>:<policy>'; the state "
+                                     "is corrupt or was edited")
+            scores = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float32)
+            if scores.shape != (self.size,):
+                raise SanitizerError(f"audit scores {key!r} in the state have shape {scores.shape}, not "
+                                     f"({self.size},) (one per example); the state is corrupt or was edited")
+            out[(int(epoch), label)] = scores
+        return out
 
     def _adopt_seed(self, seed: int) -> None:
         """Take the saved run's seed (loudly when it differs) so rounds and shuffles continue that run."""

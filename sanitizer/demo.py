@@ -176,14 +176,19 @@ def write_outputs(out: Path, rows, summary, cfg: DemoConfig, report_sanitizer) -
     log(f"[demo] wrote {out / 'report.md'} and {out / 'results.json'}")
 
 
-def _positive_trials(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--trials must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--trials must be at least 1 (one poisoned dataset), got {value}")
-    return value
+def _whole_number(option: str, minimum: int, why: str):
+    """An argparse type: a whole number >= ``minimum`` (``why`` says what the bound is for)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be at least {minimum} ({why}), got {value}")
+        return value
+
+    return parse
 
 
 def register(subparsers) -> None:
@@ -191,9 +196,10 @@ def register(subparsers) -> None:
                                    "(on one torch thread, so the table is the same on every machine)",
                                    description=__doc__)
     parser.add_argument("--out", default="sanitizer-demo", help="output folder (default: ./sanitizer-demo)")
-    parser.add_argument("--trials", type=_positive_trials, default=DemoConfig.trials,
+    parser.add_argument("--trials", type=_whole_number("--trials", 1, "one poisoned dataset"),
+                        default=DemoConfig.trials,
                         help="poisoned datasets (targets), at least 1")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_whole_number("--seed", 0, "numpy seeds the data split"), default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced run (smoke test)")
     parser.set_defaults(handler=lambda a: run_demo(a.out, DemoConfig(trials=a.trials, seed=a.seed, quick=a.quick))
                         and 0)

@@ -12,6 +12,7 @@ Kinds:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.sketch import CountSketch, KroneckerSketch
 
-KINDS = ("last_layer", "logits", "features", "params")
+EMBEDDINGS = ("last_layer", "logits", "features", "params")  # the embedding names every API takes
+
+
+def check_embedding_name(embedding: Any) -> str:
+    """``embedding`` if it names an embedding (:data:`EMBEDDINGS`), else a :class:`SanitizerError`."""
+    if embedding not in EMBEDDINGS:
+        raise SanitizerError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    return embedding
 
 
 def model_device(model) -> torch.device:
@@ -57,7 +65,7 @@ def find_last_linear(model: nn.Module, example: torch.Tensor, num_classes: int |
         "could not find a final nn.Linear that produces the model's logits"
         + (" (the model has no nn.Linear at all)" if not calls else
            " (the last nn.Linear's output is transformed before it is returned)")
-        + ". Pass last_layer=<the classifier module>, or use kind='params'."
+        + ". Pass last_layer=<the classifier module>, or use embedding='params'."
     )
 
 
@@ -223,7 +231,7 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
 def gradient_embeddings(
     model: nn.Module,
     dataset: Dataset,
-    kind: str = "last_layer",
+    embedding: str = "last_layer",
     batch_size: int = 512,
     device: str | torch.device | None = None,
     last_layer: nn.Linear | None = None,
@@ -235,6 +243,7 @@ def gradient_embeddings(
     dtype: torch.dtype = torch.float32,
     num_workers: int = 0,
     collate_fn: Callable | None = None,
+    kind: str | None = None,
 ) -> torch.Tensor:
     """Per-example gradient embeddings ``[N, D]`` (on the CPU) of ``dataset`` under ``model``.
 
@@ -244,13 +253,18 @@ def gradient_embeddings(
     Example:
         >>> emb = gradient_embeddings(model, train_set_without_augmentation)  # doctest: +SKIP
     """
-    if kind not in KINDS:
-        raise SanitizerError(f"unknown embedding kind {kind!r}; choose one of {KINDS}")
+    if kind is not None:  # the old name of ``embedding``
+        warnings.warn("gradient_embeddings(kind=...) is now embedding=...", DeprecationWarning, stacklevel=2)
+        embedding = kind
+    embedding = check_embedding_name(embedding)
     n = check_map_dataset(dataset)
     batch_size, max_dim = check_positive_int(batch_size, "batch_size"), check_positive_int(max_dim, "max_dim")
     seed = check_positive_int(seed, "seed", minimum=-(2**63))
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise SanitizerError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+    if last_layer is not None and not isinstance(last_layer, nn.Module):
+        raise SanitizerError(f"last_layer must be the model's classifier module (the nn.Linear that outputs the "
+                             f"logits, e.g. last_layer=model.fc), got {type(last_layer).__name__}")
     if indices is not None:
         indices = np.asarray(indices)
         if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
@@ -260,9 +274,9 @@ def gradient_embeddings(
             raise SanitizerError(f"index {bad} is outside the dataset of {n} examples (negative indices are not "
                                  "allowed: pass positions in [0, len(dataset)))")
     dev = _resolve_device(model, device)
-    if kind == "params":
+    if embedding == "params":
         if collate_fn is not None:
-            raise SanitizerError("kind='params' supports tensor inputs only (no collate_fn)")
+            raise SanitizerError("embedding='params' supports tensor inputs only (no collate_fn)")
         return _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, params, num_classes,
                                  dtype, num_workers)
     rows = n if indices is None else len(indices)
@@ -277,7 +291,7 @@ def gradient_embeddings(
             for x, y in iterate_batches(dataset, batch_size, indices, num_workers, collate_fn):
                 x = _to_device(x, dev)
                 y = _batch_labels(y, dev, num_classes)
-                if last_layer is None and kind != "logits":
+                if last_layer is None and embedding != "logits":
                     last_layer = find_last_linear(model, _head(x, 2), hint)
                     hint = num_classes if num_classes is not None else last_layer.out_features
                 if hook is None and last_layer is not None:
@@ -285,8 +299,15 @@ def gradient_embeddings(
                         lambda _m, inp, out: captured.update(h=inp[0], z=out))
                 captured.clear()
                 output = _call(model, x)  # fills captured through the hook
+                if hook is not None and "z" not in captured:
+                    raise SanitizerError(
+                        f"last_layer={type(last_layer).__name__}(...) was not called in the model's forward pass, so "
+                        "its input and output cannot be read; pass the module that produces the logits (e.g. "
+                        "last_layer=model.fc), or leave last_layer unset to find it")
                 z = logits_of(output, hint, captured.get("z"))
-                emb, sketch = embed_outputs(z, y, captured.get("h"), kind, num_classes, max_dim, seed, dtype, sketch)
+                _check_last_layer_output(captured.get("z"), z)
+                emb, sketch = embed_outputs(z, y, captured.get("h"), embedding, num_classes, max_dim, seed,
+                                             dtype, sketch)
                 if out is None:
                     out = torch.empty(rows, emb.shape[1], dtype=dtype)
                 out[done:done + len(emb)] = emb.to("cpu", dtype)
@@ -303,16 +324,33 @@ def gradient_embeddings(
     return out
 
 
+def _check_last_layer_output(produced: Any, z: torch.Tensor) -> None:
+    """The last layer's output must have one column per logit: a hidden layer passed as ``last_layer=``
+    would give the gradient of no parameter at all."""
+    if (isinstance(produced, torch.Tensor) and produced.ndim >= 1 and z.ndim == 2
+            and produced.shape[-1] != z.shape[1]):
+        raise SanitizerError(
+            f"last_layer= outputs {produced.shape[-1]} values per example but the model returns {z.shape[1]} logits: "
+            "it is not the classifier layer. Pass the module whose output is the logits (e.g. last_layer=model.fc)")
+
+
 def _batch_labels(y: torch.Tensor, device: torch.device, num_classes: int | None) -> torch.Tensor:
     """A batch's labels as int64 on ``device``; 1.7 or NaN is refused, not truncated by ``.long()``."""
+    if y.ndim != 1:
+        raise SanitizerError(f"labels must be one class index per example, but a batch of labels has shape "
+                             f"{tuple(y.shape)}; flatten them in the dataset (e.g. labels.view(-1))")
     if y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         return y.to(device).long()
     return torch.from_numpy(check_labels(y, num_classes)).to(device)
 
 
-def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind: str,
+def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, embedding: str,
                  num_classes: int | None, dtype: torch.dtype):
     """Validate a batch and return its embedding (for ``last_layer``: the pair (e, h))."""
+    if z.ndim != 2 or z.shape[0] != len(y):
+        raise SanitizerError(
+            f"the model's logits must have shape [batch, classes], got {tuple(z.shape)} for a batch of {len(y)} "
+            "examples; return one row of class scores per example (a binary classifier needs 2 logits, not 1)")
     c = z.shape[1]
     if num_classes is not None and num_classes != c:
         raise SanitizerError(f"the model outputs {c} logits but num_classes={num_classes}")
@@ -322,11 +360,11 @@ def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind:
     if not torch.isfinite(z).all():
         raise SanitizerError("the model produced NaN/inf logits; the training run has diverged "
                              "(lower the learning rate or check the inputs)")
-    if kind == "features":
+    if embedding == "features":
         return h
     work = torch.float64 if torch.float64 in (z.dtype, dtype) else torch.float32
     e = torch.softmax(z.to(work), 1) - F.one_hot(y, c).to(work)
-    return e if kind == "logits" else (e, h.to(work))
+    return e if embedding == "logits" else (e, h.to(work))
 
 
 def last_linear_of(model: nn.Module, dataset: Dataset, num_classes: int | None = None,
@@ -338,14 +376,14 @@ def last_linear_of(model: nn.Module, dataset: Dataset, num_classes: int | None =
         return find_last_linear(model, _to_device(x, dev), num_classes)
 
 
-def embed_outputs(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, kind: str, num_classes: int | None,
+def embed_outputs(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, embedding: str, num_classes: int | None,
                   max_dim: int, seed: int, dtype: torch.dtype = torch.float32,
                   sketch: KroneckerSketch | None = None) -> tuple[torch.Tensor, KroneckerSketch | None]:
-    """The ``kind`` embedding of a batch from the last linear layer's output ``z`` and input ``h``
+    """The ``embedding`` embedding of a batch from the last linear layer's output ``z`` and input ``h``
     (what a forward pass, or a harvested training step, produced), and the sketch used (pass it back
     in for the next batch so that every row is projected the same way)."""
-    emb = _embed_batch(z, y, h, kind, num_classes, dtype)
-    if kind != "last_layer":
+    emb = _embed_batch(z, y, h, embedding, num_classes, dtype)
+    if embedding != "last_layer":
         return emb, sketch
     e, h = emb
     h1 = torch.cat([h, torch.ones(len(y), 1, device=h.device, dtype=h.dtype)], 1)
@@ -382,7 +420,7 @@ def _param_embeddings(model, dataset, batch_size, dev, max_dim, seed, indices, p
     with _EvalMode(model), torch.enable_grad():
         for x, y in iterate_batches(dataset, step, indices, num_workers):
             if isinstance(x, Mapping):
-                raise SanitizerError("kind='params' supports tensor inputs only; use 'last_layer' for dict inputs")
+                raise SanitizerError("embedding='params' supports tensor inputs only; use 'last_layer' for dict inputs")
             x, y = x.to(dev), _batch_labels(y, dev, num_classes)
             if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
                 raise SanitizerError(f"label {int(y.max())} is out of range for {num_classes} classes")

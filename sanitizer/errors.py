@@ -116,6 +116,11 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_seed(value, name: str = "seed") -> int:
+    """A seed as an int: any integer (negative ones too), refusing strings, bools and floats like 1.5."""
+    return check_positive_int(value, name, minimum=-(2**63))
+
+
 def check_threshold(value, name: str = "threshold") -> float:
     """A finite, positive float (a NaN threshold silently drops nothing)."""
     try:

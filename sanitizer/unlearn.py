@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,24 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sanitizer.embeddings import _call, _EvalMode, _logits_of, _to_device, iterate_batches, model_device
+from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
+
+UNLEARN_OPTIONS = ("lr", "max_passes", "max_grad_norm")  # what a user sets; the sanitizer passes the rest
+
+
+def check_unlearn_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``Sanitizer(unlearn_options=...)`` checked when the sanitizer is built, not at the first round that
+    unlearns: only :data:`UNLEARN_OPTIONS`, a positive finite ``lr`` and ``max_grad_norm``, ``max_passes`` >= 1."""
+    unknown = sorted(set(options) - set(UNLEARN_OPTIONS))
+    if unknown:
+        raise SanitizerError(f"unknown unlearn option(s) {unknown}; the options are {', '.join(UNLEARN_OPTIONS)}")
+    out = dict(options)
+    for name in ("lr", "max_grad_norm"):
+        if name in out:
+            out[name] = check_threshold(out[name], f"unlearn_options[{name!r}]")
+    if "max_passes" in out:
+        out["max_passes"] = check_positive_int(out["max_passes"], "unlearn_options['max_passes']")
+    return out
 
 
 def unlearn(model: nn.Module, dataset: Dataset, indices: np.ndarray, num_classes: int, *,

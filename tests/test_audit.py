@@ -42,7 +42,7 @@ def test_audit_policies_score_on_their_own_embedding(trained):
     record = san.run_round(0)
     assert record["audit"]["policies"]["epic-0.1"]["embedding"] == "logits"
     assert record["audit"]["policies"]["deep_knn"]["embedding"] == "features"
-    logits = gradient_embeddings(model, ds, kind="logits")
+    logits = gradient_embeddings(model, ds, embedding="logits")
     expected = select(logits, ds.labels, policy="epic-0.1", seed=0)
     np.testing.assert_allclose(san.scores("epic-0.1"), expected.scores, rtol=1e-6)
     assert record["audit"]["policies"]["epic-0.1"]["would_drop"] == [int(i) for i in expected.dropped]

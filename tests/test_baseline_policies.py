@@ -16,7 +16,7 @@ def gaussian_classes(rng, n_per_class=150, dim=16, classes=3, spread=8.0):
 def test_baselines_are_registered_with_feature_embeddings():
     for name in ("deep_knn", "spectral", "activation_clustering"):
         assert name in available_policies()
-        assert make_policy(name).embedding_kind == "features"
+        assert make_policy(name).embedding == "features"
 
 
 def test_deep_knn_drops_points_sitting_inside_another_class():

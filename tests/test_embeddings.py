@@ -32,14 +32,14 @@ def test_last_layer_equals_per_example_autograd_float64():
     model = small_mlp().double()
     x = torch.randn(20, 12, dtype=torch.float64)
     y = torch.randint(0, 4, (20,))
-    emb = gradient_embeddings(model, TensorDataset(x, y), kind="last_layer", batch_size=6, dtype=torch.float64)
+    emb = gradient_embeddings(model, TensorDataset(x, y), embedding="last_layer", batch_size=6, dtype=torch.float64)
     torch.testing.assert_close(emb, autograd_last_layer(model, x, y), rtol=1e-10, atol=1e-12)
 
 
 def test_logits_embedding_is_softmax_minus_onehot():
     model = small_mlp()
     x, y = torch.randn(9, 12), torch.randint(0, 4, (9,))
-    emb = gradient_embeddings(model, TensorDataset(x, y), kind="logits")
+    emb = gradient_embeddings(model, TensorDataset(x, y), embedding="logits")
     expected = torch.softmax(model(x), 1) - F.one_hot(y, 4)
     torch.testing.assert_close(emb, expected.detach(), rtol=1e-5, atol=1e-6)
 
@@ -48,7 +48,7 @@ def test_params_kind_matches_autograd_when_not_sketched():
     model = small_mlp().double()
     x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 4, (5,))
     names = ["3.weight", "3.bias"]
-    emb = gradient_embeddings(model, TensorDataset(x, y), kind="params", params=names, max_dim=10_000,
+    emb = gradient_embeddings(model, TensorDataset(x, y), embedding="params", params=names, max_dim=10_000,
                               dtype=torch.float64)
     expected = []
     for i in range(5):
@@ -112,8 +112,8 @@ def test_dataset_with_extra_fields_and_indices_subset():
     model = small_mlp()
     x, y = torch.randn(10, 12), torch.randint(0, 4, (10,))
     extra = TensorDataset(x, y, torch.arange(10))
-    full = gradient_embeddings(model, extra, kind="logits")
-    sub = gradient_embeddings(model, extra, kind="logits", indices=[7, 2])
+    full = gradient_embeddings(model, extra, embedding="logits")
+    sub = gradient_embeddings(model, extra, embedding="logits", indices=[7, 2])
     torch.testing.assert_close(sub, full[[7, 2]])
 
 
@@ -125,7 +125,7 @@ def test_find_last_linear_and_error_without_one():
     with pytest.raises(SanitizerError, match="nn.Linear"):
         gradient_embeddings(conv_only, ds)
     # logits still work: they do not need the last layer
-    assert gradient_embeddings(conv_only, ds, kind="logits").shape == (4, 3)
+    assert gradient_embeddings(conv_only, ds, embedding="logits").shape == (4, 3)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -139,8 +139,8 @@ def test_bad_inputs_give_clear_errors():
         gradient_embeddings(model, Stream())
     with pytest.raises(SanitizerError, match="out of range"):
         gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.tensor([0, 1, 9])))
-    with pytest.raises(SanitizerError, match="unknown embedding kind"):
-        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.zeros(3, dtype=torch.long)), kind="x")
+    with pytest.raises(SanitizerError, match="unknown embedding"):
+        gradient_embeddings(model, TensorDataset(torch.randn(3, 12), torch.zeros(3, dtype=torch.long)), embedding="x")
     with pytest.raises(SanitizerError, match="NaN"):
         gradient_embeddings(model, TensorDataset(torch.full((3, 12), float("nan")), torch.zeros(3, dtype=torch.long)))
     with pytest.raises(SanitizerError, match="device"):
@@ -178,11 +178,11 @@ class TwoHeads(nn.Module):
 def test_a_tuple_output_is_read_by_shape_not_position(logits_first, kind):
     model = TwoHeads(logits_first=logits_first)
     ds = TensorDataset(torch.randn(10, 12), torch.arange(10) % 4)
-    expected = gradient_embeddings(model.plain(), ds, kind=kind)
-    torch.testing.assert_close(gradient_embeddings(model, ds, kind=kind, num_classes=4), expected)
-    torch.testing.assert_close(gradient_embeddings(model, ds, kind=kind, last_layer=model.head), expected)
+    expected = gradient_embeddings(model.plain(), ds, embedding=kind)
+    torch.testing.assert_close(gradient_embeddings(model, ds, embedding=kind, num_classes=4), expected)
+    torch.testing.assert_close(gradient_embeddings(model, ds, embedding=kind, last_layer=model.head), expected)
     with pytest.raises(SanitizerError, match=r"\(\d+, 7\).*\(\d+, 4\)|\(\d+, 4\).*\(\d+, 7\)") as info:
-        gradient_embeddings(model, ds, kind=kind)  # no num_classes: two 2-D tensors, no guess
+        gradient_embeddings(model, ds, embedding=kind)  # no num_classes: two 2-D tensors, no guess
     assert "last_layer=" in str(info.value) and "num_classes=" in str(info.value)
 
 
@@ -238,3 +238,22 @@ def test_model_device_and_eval_mode_serve_lists_and_callables():
     with EvalMode(model):
         assert not model[1].training
     assert model.training and model[1].training
+
+
+def test_one_word_for_the_embedding_across_the_api():
+    """``embedding=`` names the embedding in gradient_embeddings, Sanitizer and Policy alike; the old
+    ``kind=`` still works with a DeprecationWarning, and a policy subclass using the old attribute name
+    is refused instead of being silently ignored."""
+    from sanitizer import Sanitizer
+    from sanitizer.policies.base import Policy
+
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = TensorDataset(torch.randn(9, 12), torch.arange(9) % 3)
+    new = gradient_embeddings(model, data, embedding="logits")
+    with pytest.warns(DeprecationWarning, match="embedding="):
+        old = gradient_embeddings(model, data, kind="logits")
+    assert torch.equal(new, old) and new.shape == (9, 3)
+    with pytest.raises(SanitizerError, match="unknown embedding 'grads'"):
+        Sanitizer(model, data, embedding="grads", epochs=4)
+    with pytest.raises(SanitizerError, match="embedding_kind is now called embedding"):
+        type("OldStylePolicy", (Policy,), {"embedding_kind": "features"})

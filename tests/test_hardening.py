@@ -13,6 +13,7 @@ from sanitizer.cli import main
 from sanitizer.data import ImageTensorDataset, cifar10, load_cifar10
 from sanitizer.errors import SanitizerError, check_labels
 from sanitizer.models import CompactCNN
+from tests.hostile.cifar_batches import cifar_batch, cifar_folder
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +74,6 @@ class _Call:
         return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
 
 
-def _batch(n=4, data=None, labels=None, **extra):
-    data = np.random.default_rng(0).integers(0, 256, (n, 3072), dtype=np.uint8) if data is None else data
-    return {"batch_label": "test", "data": data, "labels": list(np.arange(n) % 10) if labels is None else labels,
-            **extra}
-
-
-def _cifar_folder(tmp_path, first=None, protocol=2):
-    """A cifar-10-batches-py folder of 4-image batches (see the small_batches fixture); ``first`` replaces
-    data_batch_1 (an object to pickle, or raw bytes)."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        content = _batch(labels=[int(v) for v in (np.arange(4) + i) % 10]) if i or first is None else first
-        raw = content if isinstance(content, bytes) else pickle.dumps(content, protocol=protocol)
-        (folder / name).write_bytes(raw)
-    return folder
-
-
 @pytest.fixture
 def small_batches(monkeypatch):
     monkeypatch.setattr(cifar10, "BATCH_IMAGES", 4)  # real batches hold 10000 images; 4 keep the files tiny
@@ -98,7 +81,7 @@ def small_batches(monkeypatch):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_a_well_formed_cifar_folder_loads(tmp_path, small_batches, protocol):
-    _cifar_folder(tmp_path, protocol=protocol)
+    cifar_folder(tmp_path, protocol=protocol)
     train, test = load_cifar10(tmp_path), load_cifar10(tmp_path, train=False)
     assert train.images.shape == (20, 3, 32, 32) and len(test) == 4
     assert train.labels[:8].tolist() == [0, 1, 2, 3, 1, 2, 3, 4]
@@ -106,28 +89,28 @@ def test_a_well_formed_cifar_folder_loads(tmp_path, small_batches, protocol):
 
 
 @pytest.mark.parametrize("content, message", [
-    (_batch(data=np.zeros((4, 100), np.uint8)), r"uint8 array of shape \(4, 3072\)"),
-    (_batch(data=np.full((4, 3072), 300, np.int64)), "got int64 array"),       # no wrap-around of 300 to 44
-    (_batch(data=np.zeros((5, 3072), np.uint8)), "got uint8 array of shape"),  # 5 images, 4 labels
-    (_batch(labels=[0, 1, 2, 10]), "label 10 at position 3 is not a CIFAR-10 class"),
-    (_batch(labels=[0, -1, 2, 3]), "label -1 at position 1"),
-    (_batch(labels=[0, 1.5, 2, 3]), "label 1.5 at position 1"),
-    (_batch(labels=[0, 1, 2]), "got 3 labels"),
-    (_batch(labels="0123"), "got str"),
+    (cifar_batch(data=np.zeros((4, 100), np.uint8)), r"uint8 array of shape \(4, 3072\)"),
+    (cifar_batch(data=np.full((4, 3072), 300, np.int64)), "got int64 array"),       # no wrap-around of 300 to 44
+    (cifar_batch(data=np.zeros((5, 3072), np.uint8)), "got uint8 array of shape"),  # 5 images, 4 labels
+    (cifar_batch(labels=[0, 1, 2, 10]), "label 10 at position 3 is not a CIFAR-10 class"),
+    (cifar_batch(labels=[0, -1, 2, 3]), "label -1 at position 1"),
+    (cifar_batch(labels=[0, 1.5, 2, 3]), "label 1.5 at position 1"),
+    (cifar_batch(labels=[0, 1, 2]), "got 3 labels"),
+    (cifar_batch(labels="0123"), "got str"),
     ({"data": np.zeros((4, 3072), np.uint8)}, "got NoneType"),
     ([1, 2, 3], "holds a list"),
     # numpy.ndarray((8192, 3072)) called directly: an array of uninitialised memory (a 155-byte file gave 40,960 images)
-    (_batch(data=_Call(np.ndarray, ((8192, 3072),))), "not a readable CIFAR-10 batch"),
+    (cifar_batch(data=_Call(np.ndarray, ((8192, 3072),))), "not a readable CIFAR-10 batch"),
     # numpy's own reconstruction, asked for a huge empty array, or fed too few bytes, or an object array
-    (_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (10**6, 10**6), b"b"))), "reconstruction"),
-    (_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+    (cifar_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (10**6, 10**6), b"b"))), "reconstruction"),
+    (cifar_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
                        (1, (4, 3072), np.dtype(np.uint8), False, b"abc"))), "needs 12288 bytes"),
-    (_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+    (cifar_batch(data=_Call(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
                        (1, (4,), np.dtype(object), False, [1, 2]))), "refusing the numpy dtype"),  # segfaults numpy
-    (_batch(data=_Call(os.system, ("echo pwned",))), "refusing to load (posix|nt).system"),
+    (cifar_batch(data=_Call(os.system, ("echo pwned",))), "refusing to load (posix|nt).system"),
 ])
 def test_hostile_cifar_batches_are_refused_naming_the_file(tmp_path, small_batches, content, message):
-    _cifar_folder(tmp_path, content)
+    cifar_folder(tmp_path, content)
     with pytest.raises(SanitizerError, match=message) as info:
         load_cifar10(tmp_path)
     assert "data_batch_1" in str(info.value)
@@ -135,15 +118,15 @@ def test_hostile_cifar_batches_are_refused_naming_the_file(tmp_path, small_batch
 
 def test_a_pickle_that_calls_os_system_is_refused_not_executed(tmp_path, small_batches):
     marker = tmp_path / "executed"
-    _cifar_folder(tmp_path, _batch(data=_Call(os.system, (f"touch {marker}",))))
+    cifar_folder(tmp_path, cifar_batch(data=_Call(os.system, (f"touch {marker}",))))
     with pytest.raises(SanitizerError, match="refusing"):
         load_cifar10(tmp_path)
     assert not marker.exists()
 
 
 def test_truncated_oversized_and_missing_cifar_files(tmp_path, small_batches, monkeypatch):
-    whole = pickle.dumps(_batch(), protocol=2)
-    folder = _cifar_folder(tmp_path, whole[:len(whole) // 2])
+    whole = pickle.dumps(cifar_batch(), protocol=2)
+    folder = cifar_folder(tmp_path, whole[:len(whole) // 2])
     with pytest.raises(SanitizerError, match="data_batch_1 is not a readable CIFAR-10 batch"):
         load_cifar10(tmp_path)
     (folder / "data_batch_1").write_bytes(whole)
@@ -161,7 +144,7 @@ def test_truncated_oversized_and_missing_cifar_files(tmp_path, small_batches, mo
 # ---------------------------------------------------------------- the command line: one line, exit 2
 
 def _bad_cifar(tmp_path):
-    _cifar_folder(tmp_path)  # batches of 4 images: refused, a real one holds 10000
+    cifar_folder(tmp_path)  # batches of 4 images: refused, a real one holds 10000
     return tmp_path
 
 
@@ -324,7 +307,7 @@ def test_inputs_of_another_dtype_than_the_model_get_a_clear_error(small, images,
     ({"seed": 1.5}, "seed must be an integer"),
     ({"device": "tpu"}, "device='tpu' is not a torch device"),
     ({"batch_size": "a"}, "batch_size must be an integer"),
-    ({"kind": "gradients"}, "unknown embedding kind"),
+    ({"embedding": "gradients"}, "unknown embedding .gradients."),
 ])
 def test_bad_embedding_arguments_get_a_clear_error(small, kwargs, message):
     model, data = small

@@ -48,7 +48,7 @@ def test_harvested_round_equals_a_separate_pass_when_the_model_does_not_move(kin
     loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
     frozen_epochs(model, loader, sanitizer, epochs=3)
     candidates, emb = captured[2]
-    expected = gradient_embeddings(model, data, kind=kind, indices=candidates)
+    expected = gradient_embeddings(model, data, embedding=kind, indices=candidates)
     assert torch.allclose(emb, expected, atol=1e-5)
     assert sanitizer.history[-1]["harvest"] == {"harvested": len(data), "embedded": 0, "off": None}
 

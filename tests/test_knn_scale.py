@@ -153,7 +153,7 @@ def test_the_density_policy_takes_the_factored_path_on_explicit_last_layer_rows_
                                rtol=1e-5, atol=1e-6)
     sketched = gradient_embeddings(model, data, max_dim=16).numpy()  # 3 × 9 > 16: Kronecker-sketched
     assert outer_product_factors(sketched, 3) is None
-    assert outer_product_factors(gradient_embeddings(model, data, kind="features").numpy(), 3) is None
+    assert outer_product_factors(gradient_embeddings(model, data, embedding="features").numpy(), 3) is None
     assert outer_product_factors(explicit + 1e-2 * np.random.default_rng(0).normal(size=explicit.shape), 3) is None
 
     factored = make_policy("density").select(explicit, y.numpy(), num_classes=3)

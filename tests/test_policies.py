@@ -162,7 +162,7 @@ def test_epic_drops_singleton_medoids():
     dropped = set(np.flatnonzero(~sel.keep))
     assert set(planted) <= dropped
     policy = make_policy("epic", fraction=0.2)
-    assert policy.fraction == 0.2 and policy.embedding_kind == "logits"
+    assert policy.fraction == 0.2 and policy.embedding == "logits"
 
 
 def test_random_and_none():

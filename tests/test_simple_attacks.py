@@ -18,7 +18,7 @@ pytest.importorskip("cleanlab")
 def test_cleanlab_policy_flags_planted_flips():
     images, labels, planted = planted_blobs(per_class=60, planted_per_class=6, seed=1)
     policy = make_policy("cleanlab")
-    assert "cleanlab" in available_policies() and policy.embedding_kind == "features"
+    assert "cleanlab" in available_policies() and policy.embedding == "features"
     sel = policy.select(images.flatten(1), labels, num_classes=NUM_CLASSES)
     hits = np.isin(planted, sel.dropped).sum()
     assert hits / len(planted) >= 0.9                   # recall

@@ -162,17 +162,32 @@ class PoisonSet:
         if missing:
             raise SanitizerError(f"{path} is not a PoisonSet: it lacks {', '.join(missing)}")
         try:
-            version = int(f["format_version"])
+            version = _stored_int(f, "format_version")
             if version != FORMAT_VERSION:
                 raise SanitizerError(f"unsupported PoisonSet format {version} (this version reads {FORMAT_VERSION})")
+            try:
+                params = json.loads(str(f.get("params", "{}")))
+            except ValueError as exc:
+                raise SanitizerError(f"params is not valid JSON ({exc})") from None
+            if not isinstance(params, dict):
+                raise SanitizerError(f"params must be a JSON object, got a JSON {type(params).__name__}")
             optional = {name: f[name] for name in _OPTIONAL_ARRAYS if name in f}
             return cls(attack=str(f["attack"]), indices=f["indices"], images=f["images"], labels=f["labels"],
-                       adversarial_class=int(f.get("adversarial_class", -1)),
-                       source_class=int(f.get("source_class", -1)),
-                       params=json.loads(str(f.get("params", "{}"))),
-                       num_classes=int(f["num_classes"]) if "num_classes" in f else None, **optional)
-        except (SanitizerError, TypeError, ValueError) as exc:  # json and int() errors are ValueErrors
+                       adversarial_class=_stored_int(f, "adversarial_class", -1),
+                       source_class=_stored_int(f, "source_class", -1), params=params,
+                       num_classes=_stored_int(f, "num_classes"), **optional)
+        except (SanitizerError, TypeError, ValueError) as exc:
             raise SanitizerError(f"{path}: {exc}") from None
+
+
+def _stored_int(arrays: dict[str, np.ndarray], name: str, default: int | None = None) -> int | None:
+    """One integer stored as a 0-d array in a saved PoisonSet (``default`` when absent)."""
+    if name not in arrays:
+        return default
+    value = arrays[name]
+    if value.ndim != 0 or value.dtype == np.bool_ or not np.issubdtype(value.dtype, np.integer):
+        raise SanitizerError(f"{name} must be one integer, got a {value.dtype} array of shape {value.shape}")
+    return int(value)
 
 
 _OPTIONAL_ARRAYS = ("target_images", "target_labels", "target_indices", "trigger")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -173,6 +174,34 @@ def check_arguments(args) -> None:
         raise SystemExit(f"--test-data goes with --data PATH; --data {args.data} has its own test set")
     if not 0 < args.holdout < 1:
         raise SystemExit(f"--holdout must lie in (0, 1), got {args.holdout}")
+    for option, value in (("--per-class", args.per_class), ("--width", args.width),
+                          ("--surrogate-epochs", None if args.surrogate_weights else args.surrogate_epochs)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{option} must be >= 1, got {value}")
+    for option, value in (("--seed", args.seed), ("--split-seed", args.split_seed),
+                          ("--subset-seed", args.subset_seed)):
+        if value < 0:
+            raise SystemExit(f"{option} must be >= 0 (numpy takes no negative seeds), got {value}")
+    if not (math.isfinite(args.surrogate_lr) and args.surrogate_lr > 0):
+        raise SystemExit(f"--surrogate-lr must be a positive number, got {args.surrogate_lr}")
+    check_device(args.device)
+
+
+def check_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device that exists here (default: cuda when available, else the CPU)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"--device {name!r} is not a torch device; pass cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise SystemExit(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise SystemExit(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
 
 
 def load_path(path: str, classes: list[str] | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset | None,
@@ -285,7 +314,7 @@ def run(args) -> int:
     except TypeError as exc:
         raise SystemExit(f"attack {args.name!r} does not take these parameters ({exc}); "
                          f"see help(sanitizer.attacks.make_attack({args.name!r}))") from exc
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     try:
         train, test, index_map, record = load_data(args)
         check_targets(args, train, test)

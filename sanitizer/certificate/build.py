@@ -33,11 +33,9 @@ def library_versions() -> dict[str, str | None]:
 
 
 def sanitizer_options(sanitizer) -> dict[str, Any]:
-    """The options that rebuild an equivalent :class:`~sanitizer.Sanitizer` (for proxy and partition runs)."""
-    return {"policy": sanitizer.policy.name, "policy_options": dict(sanitizer.policy.config()),
-            "embedding": sanitizer.embedding, "warmup": sanitizer.warmup, "every": sanitizer.every,
-            "stop_epoch": sanitizer.stop_epoch, "cumulative": sanitizer.cumulative, "max_dim": sanitizer.max_dim,
-            "batch_size": sanitizer.batch_size}
+    """The options that rebuild an equivalent :class:`~sanitizer.Sanitizer` on other data (for proxy and
+    partition runs): its :class:`~sanitizer.config.SanitizerConfig` without the run-specific fields."""
+    return sanitizer.config.portable()
 
 
 def find_recorder(sanitizer) -> BoundRecorder | None:
@@ -78,7 +76,7 @@ def build_certificate(
     dataset = dataset_fingerprint(sanitizer.embed_dataset)
     dataset["source"] = dataset_source
     dataset["poison_indices"] = sorted(int(i) for i in poison_indices) if poison_indices is not None else None
-    configuration = {**sanitizer_options(sanitizer), "num_classes": sanitizer.num_classes,
+    configuration = {**sanitizer.config.to_dict(),
                      "train_config": train_config.to_dict() if hasattr(train_config, "to_dict") else train_config}
     cert: dict[str, Any] = {
         "schema": "sanitizer-certificate", "schema_version": SCHEMA_VERSION,

@@ -127,8 +127,8 @@ def _policy_options(pairs: list[str]) -> dict[str, Any]:
     return parse_key_values(pairs, "--policy-option")
 
 
-def _error(command: str, exc: Exception) -> int:
-    print(f"sanitizer {command}: error: {exc}", file=sys.stderr)
+def _error(command: str, exc: Exception | str) -> int:
+    print(f"sanitizer {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
     return 2
 
 
@@ -171,9 +171,25 @@ def check_certify_args(args: argparse.Namespace):
     make_policy(args.policy, **_policy_options(args.policy_option))
     if args.poisons is not None and not Path(args.poisons).is_file():
         raise SanitizerError(f"--poisons {args.poisons}: no such file")
-    if Path(args.out).is_dir():
+    out = Path(args.out)
+    if out.is_dir():
         raise SanitizerError(f"--out {args.out} is a folder; give the certificate's file path")
+    _check_folder_can_exist(out.parent, "--out", args.out)
+    report_dir = Path(args.report_dir) if args.report_dir else out.parent / "report"
+    option = "--report-dir" if args.report_dir else "the report folder (by default beside --out)"
+    if report_dir.exists() and not report_dir.is_dir():
+        raise SanitizerError(f"{option} {report_dir} is a file; give --report-dir a folder for the report")
+    _check_folder_can_exist(report_dir, option, report_dir)
     return load_private_key(args.signing_key) if args.signing_key else None
+
+
+def _check_folder_can_exist(folder: Path, option: str, given) -> None:
+    """Refuse a folder that cannot be created because a part of its path is a file (found only after training)."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise SanitizerError(f"{option} {given}: {part} is a file, so the folder cannot be created")
+            return
 
 
 def run_certify(args: argparse.Namespace) -> int:
@@ -254,8 +270,7 @@ def run_verify(args: argparse.Namespace) -> int:
         try:
             dataset, test, _ = load_source(source, args.data_root, args.poisons)
         except (SanitizerError, OSError, ValueError, TypeError) as exc:
-            print(f"cannot rebuild the dataset: {exc}")
-            return 2
+            return _error("verify", f"cannot rebuild the dataset: {exc}")
     result = verify_certificate(cert, dataset, public_key=key, seal=args.seal, test_dataset=test)
     for item in result.checked:
         print(f"checked: {item}")

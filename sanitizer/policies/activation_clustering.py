@@ -21,7 +21,7 @@ class ActivationClusteringPolicy(Policy):
         >>> sel = policy.select(features, labels)  # doctest: +SKIP
     """
 
-    embedding_kind = "features"
+    embedding = "features"
 
     def __init__(self, dims: int = 10, threshold: float = 0.35, n_init: int = 10) -> None:
         self.dims = check_positive_int(dims, "dims")

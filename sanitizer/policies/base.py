@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sanitizer.errors import SanitizerError, check_embeddings, check_labels
+from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_seed
 from sanitizer.options import parse_policy_spec
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -32,12 +32,13 @@ class Selection:
 class Policy:
     """Base class. Subclasses implement :meth:`select_class` or override :meth:`select`.
 
-    ``embedding_kind`` names the embedding the policy was designed for (``None``: whatever the
-    sanitizer computes); ``min_class_size`` classes smaller than this are kept untouched.
+    ``embedding`` names the embedding the policy was designed for (``None``: whatever the
+    sanitizer computes; the same names as ``Sanitizer(embedding=...)`` and ``gradient_embeddings``);
+    ``min_class_size`` classes smaller than this are kept untouched.
     """
 
     name: str = ""
-    embedding_kind: str | None = None
+    embedding: str | None = None
     min_class_size: int = 3
     # True: the Sanitizer runs the input-noise screen (sanitizer.noise_screen) once, when training
     # starts, with the policy's ``screen_threshold``
@@ -45,9 +46,14 @@ class Policy:
     screen_threshold: float = 3.5
     _num_classes: int = 0  # set by select() for select_class implementations that read the embedding's layout
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "embedding_kind" in vars(cls):  # the attribute's old name would be ignored without a word
+            raise SanitizerError(f"{cls.__name__}.embedding_kind is now called embedding; rename the attribute")
+
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
-        x = check_embeddings(embeddings, len(labels))
         y = check_labels(labels, num_classes)
+        x = check_embeddings(embeddings, len(y))
         self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
         keep = np.ones(len(y), dtype=bool)
         scores = np.zeros(len(y), dtype=np.float64)
@@ -134,6 +140,7 @@ def select(embeddings: torch.Tensor | np.ndarray, labels, policy: str | Policy =
         >>> sel.keep.shape, sel.scores.shape
         ((200,), (200,))
     """
+    seed = check_seed(seed)  # policies that ignore the seed would otherwise accept seed="a" without a word
     return make_policy(policy, **options).select(embeddings, labels, num_classes=num_classes, seed=seed)
 
 

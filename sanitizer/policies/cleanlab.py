@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int
+from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int, check_seed
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 
@@ -40,6 +40,11 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, folds: int = 5, seed
     return cross_val_predict(model, x, y, cv=split, method="predict_proba")
 
 
+# the rules cleanlab.filter.find_label_issues accepts (it asserts on anything else, at the first round)
+FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
+           "low_normalized_margin", "low_self_confidence")
+
+
 @register_policy("cleanlab")
 class CleanlabPolicy(Policy):
     """Drop what ``cleanlab.filter.find_label_issues`` flags on cross-validated logistic-regression
@@ -54,20 +59,25 @@ class CleanlabPolicy(Policy):
         >>> sel = CleanlabPolicy().select(features, labels)  # doctest: +SKIP
     """
 
-    embedding_kind = "features"
+    embedding = "features"
 
     def __init__(self, folds: int = 5, c: float = 1.0, filter_by: str = "prune_by_noise_rate",
                  max_iter: int = 1000) -> None:
         self.folds = check_positive_int(folds, "folds", 2)
-        if not c > 0:
-            raise SanitizerError(f"c must be positive, got {c}")
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.integer, np.floating)) or not c > 0:
+            raise SanitizerError(f"c (the logistic regression's inverse L2 strength) must be a positive number, "
+                                 f"got {c!r}")
         self.c = float(c)
+        if filter_by not in FILTERS:
+            raise SanitizerError(f"unknown filter_by {filter_by!r} (cleanlab's rule); choose one of "
+                                 f"{', '.join(FILTERS)}")
         self.filter_by = str(filter_by)
         self.max_iter = check_positive_int(max_iter, "max_iter")
 
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         find_label_issues = _find_label_issues()
         y = check_labels(labels, num_classes)
+        seed = check_seed(seed)
         x = check_embeddings(embeddings, len(y)).astype(np.float64)
         keep = np.ones(len(y), dtype=bool)
         scores = np.zeros(len(y))

@@ -29,7 +29,7 @@ class DeepKnnPolicy(Policy):
         >>> sel = policy.select(features, labels)  # doctest: +SKIP
     """
 
-    embedding_kind = "features"
+    embedding = "features"
 
     def __init__(self, k: int | None = None, budget: int | None = None, backend: str = "auto") -> None:
         if budget is not None:

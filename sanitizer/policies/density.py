@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_positive_int, check_threshold
+from sanitizer.errors import check_fraction, check_positive_int, check_threshold
 from sanitizer.neighbors import (
     class_isolation,
     class_isolation_factored,
@@ -65,8 +65,7 @@ class DensityPolicy(Policy):
         k = check_positive_int(k, "k")
         self.screen = bool(screen)
         self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
-        if not 0 <= max_fraction <= 1:
-            raise SanitizerError(f"max_fraction must be in [0, 1], got {max_fraction}")
+        max_fraction = check_fraction(max_fraction, "max_fraction", zero_ok=True)
         threshold = check_threshold(threshold)
         if dense_threshold is not None:
             dense_threshold = check_threshold(dense_threshold, "dense_threshold")
@@ -77,9 +76,8 @@ class DensityPolicy(Policy):
         self.spectral = bool(spectral)
         self.two_sided = bool(two_sided)
         self.dense_threshold = dense_threshold
-        if dense_rounds is not None and dense_rounds < 0:
-            raise ValueError("dense_rounds must be >= 0 (or None: every round)")
-        self.dense_rounds = dense_rounds
+        # None: the dense side acts in every round
+        self.dense_rounds = None if dense_rounds is None else check_positive_int(dense_rounds, "dense_rounds", 0)
         self._round = 0
 
     def start_round(self, index: int) -> None:

@@ -81,7 +81,7 @@ class EpicPolicy(Policy):
         >>> sel = EpicPolicy(fraction=0.1).select(embeddings, labels)  # doctest: +SKIP
     """
 
-    embedding_kind = "logits"
+    embedding = "logits"
 
     def __init__(self, fraction: float = 0.1) -> None:
         self.fraction = check_fraction(fraction, "fraction (EPIC's subset size, e.g. 0.1 or policy='epic-0.1')")

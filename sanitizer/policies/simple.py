@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_fraction, check_labels, check_positive_int
+from sanitizer.errors import SanitizerError, check_fraction, check_labels, check_positive_int, check_seed
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 
@@ -41,6 +41,9 @@ class RandomPolicy(Policy):
                                  "(in [0, 1]) or counts= (examples per round)")
         self.count = None if count is None else check_positive_int(count, "count", 0)
         self.fraction = None if fraction is None else check_fraction(fraction, "fraction", zero_ok=True)
+        if counts is not None and (isinstance(counts, (str, bytes)) or not hasattr(counts, "__iter__")):
+            raise SanitizerError(f"counts must be a list of examples to drop per round, e.g. counts=[3, 1]; got "
+                                 f"{counts!r} (for one number use count=)")
         self.counts = None if counts is None else [check_positive_int(c, "counts[]", 0) for c in counts]
         self._round = 0
 
@@ -49,6 +52,7 @@ class RandomPolicy(Policy):
 
     def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
         n = len(check_labels(labels, num_classes))
+        seed = check_seed(seed)
         if self.counts is not None:
             m = min(self.counts[self._round], n) if self._round < len(self.counts) else 0
         else:
@@ -56,7 +60,7 @@ class RandomPolicy(Policy):
         self._round += 1
         if not 0 <= m <= n:
             raise SanitizerError(f"cannot drop {m} of {n} examples; lower count= or pass fraction=")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed if seed >= 0 else seed % 2**64)  # numpy takes no negative seeds
         keep = np.ones(n, dtype=bool)
         keep[rng.choice(n, m, replace=False)] = False
         return Selection(keep, (~keep).astype(float), {"dropped": m})

@@ -24,7 +24,7 @@ class SpectralPolicy(Policy):
         >>> sel = policy.select(features, labels)     # doctest: +SKIP
     """
 
-    embedding_kind = "features"
+    embedding = "features"
 
     def __init__(self, budget: int | float = 0.05, multiplier: float = 1.5) -> None:
         self.budget = _budget(budget)

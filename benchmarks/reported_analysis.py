@@ -1,0 +1,143 @@
+"""The pre-registered primary comparison on the reported from-scratch sets (benchmarks/RESULTS.md, "Pre-registered
+primary comparison for the reported seeds"), computed from the victims' JSONL rows.
+
+- Per set, the effect of a defense: log(P_adv of its victim / P_adv of the clean victim of the same set).
+- H1: ``density``'s effect is lower than ``none``'s (paired over sets, one-sided Wilcoxon signed-rank).
+- H2: ``density``'s effect is no higher than ``jpeg:quality=75``'s (paired, one-sided Wilcoxon: the
+  alternative is that density's effect is lower; a large p leaves H2 undecided, not refuted).
+- H3: ``density``'s clean accuracy is at least ``none``'s minus 1 point (paired one-sided t-test on
+  acc_density - acc_none + 0.01 > 0).
+- Holm's correction over H1-H3 at alpha = 0.05. A hypothesis with fewer than 2 complete sets is not tested.
+
+Secondary, with 95 % Wilson intervals: attack success (the target classified as the adversarial class),
+poison recall, clean examples dropped, time against ``none``.
+
+    python -m benchmarks.reported_analysis benchmarks/results/scratch_full_gm16_reported_s*.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from sanitizer.stats import format_rate
+
+ALPHA = 0.05
+
+
+def read_victims(paths: list[Path]) -> dict[int, dict[str, dict]]:
+    """{set: {defense: row}} from victim rows (header rows skipped; the first row of a set and defense wins:
+    the undefended reference trained in two processes is the same victim)."""
+    sets: dict[int, dict[str, dict]] = defaultdict(dict)
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("defense") is None:
+                continue
+            sets[int(row["trial"])].setdefault(row["defense"], row)
+    return dict(sorted(sets.items()))
+
+
+def effect(row: dict, clean: dict) -> float:
+    return math.log(max(row["target_adv_prob"], 1e-12) / max(clean["target_adv_prob"], 1e-12))
+
+
+def paired(sets: dict[int, dict[str, dict]], a: str, b: str) -> list[int]:
+    return [s for s, rows in sets.items() if a in rows and b in rows and "clean" in rows]
+
+
+def wilcoxon_less(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 2:
+        return None
+    diff = np.asarray(x) - np.asarray(y)
+    if np.all(diff == 0):
+        return 1.0
+    return float(stats.wilcoxon(diff, alternative="less").pvalue)
+
+
+def hypotheses(sets: dict[int, dict[str, dict]]) -> list[tuple[str, int, float | None, str]]:
+    """[(hypothesis, sets used, p-value or None, what was compared)]."""
+    out = []
+    for name, other in (("H1", "none"), ("H2", "jpeg:quality=75")):
+        used = paired(sets, "density", other)
+        ours = [effect(sets[s]["density"], sets[s]["clean"]) for s in used]
+        theirs = [effect(sets[s][other], sets[s]["clean"]) for s in used]
+        out.append((name, len(used), wilcoxon_less(ours, theirs),
+                    f"density effect {np.median(ours) if ours else float('nan'):+.2f} vs {other} "
+                    f"{np.median(theirs) if theirs else float('nan'):+.2f} (medians)"))
+    used = [s for s, rows in sets.items() if "density" in rows and "none" in rows]
+    gaps = [sets[s]["density"]["clean_accuracy"] - sets[s]["none"]["clean_accuracy"] for s in used]
+    p = None
+    if len(gaps) >= 2:
+        shifted = np.asarray(gaps) + 0.01
+        p = 0.0 if np.all(shifted > 0) and np.std(shifted) == 0 else \
+            float(stats.ttest_1samp(shifted, 0.0, alternative="greater").pvalue)
+    out.append(("H3", len(used), p, f"accuracy density - none {100 * np.mean(gaps) if gaps else float('nan'):+.2f} "
+                                    "points (mean)"))
+    return out
+
+
+def holm(pvalues: list[float | None]) -> list[bool | None]:
+    """Holm's step-down rejections at ALPHA (None where not tested)."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    reject: list[bool | None] = [None if p is None else False for p in pvalues]
+    for rank, (p, i) in enumerate(tested):
+        if p > ALPHA / (len(tested) - rank):
+            break
+        reject[i] = True
+    return reject
+
+
+def per_set_table(sets: dict[int, dict[str, dict]]) -> str:
+    defenses = sorted({d for rows in sets.values() for d in rows}, key=lambda d: (d != "none", d != "clean", d))
+    lines = ["| set | target → class | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 2) + "|"]
+    for s, rows in sets.items():
+        any_row = next(iter(rows.values()))
+        cells = [f"{rows[d]['target_adv_prob']:.2g} / {100 * rows[d]['clean_accuracy']:.2f} %" if d in rows else "–"
+                 for d in defenses]
+        lines.append(f"| {s} | #{any_row['target_index']} → {any_row['adversarial_class']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def secondary(sets: dict[int, dict[str, dict]]) -> str:
+    by_defense: dict[str, list[dict]] = defaultdict(list)
+    for rows in sets.values():
+        for d, row in rows.items():
+            by_defense[d].append(row)
+    lines = ["| defense | sets | attack success | poisons dropped | clean dropped (mean) | time / none (mean) |",
+             "|---|---|---|---|---|---|"]
+    for d, rows in sorted(by_defense.items()):
+        hits = sum(bool(r["target_hit"]) for r in rows)
+        poisons = sum(r.get("poisons_dropped", 0) for r in rows), sum(r["budget"] for r in rows)
+        ratios = [r["seconds"] / sets[r["trial"]]["none"]["seconds"] for r in rows if "none" in sets[r["trial"]]]
+        lines.append(f"| {d} | {len(rows)} | {format_rate(hits, len(rows))} | {format_rate(*poisons)} | "
+                     f"{np.mean([r['clean_dropped'] for r in rows]):.0f} | {np.mean(ratios):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="victim JSONL files of the reported sets")
+    args = parser.parse_args(argv)
+    sets = read_victims(args.paths)
+    print("Per set: the target's final P(adv) / clean accuracy\n")
+    print(per_set_table(sets))
+    results = hypotheses(sets)
+    rejected = holm([p for _, _, p, _ in results])
+    print("\nPre-registered hypotheses (Holm over H1-H3, alpha 0.05)\n")
+    print("| hypothesis | sets | p | Holm: supported | compared |\n|---|---|---|---|---|")
+    for (name, n, p, what), r in zip(results, rejected):
+        print(f"| {name} | {n} | {'–' if p is None else f'{p:.3g}'} | "
+              f"{'not tested' if r is None else ('yes' if r else 'no')} | {what} |")
+    print("\nSecondary (95 % Wilson intervals)\n")
+    print(secondary(sets))
+
+
+if __name__ == "__main__":
+    main()
