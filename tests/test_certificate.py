@@ -391,3 +391,29 @@ def test_certify_and_verify_commands_on_a_poisoned_subset(tmp_path, capsys):
     assert without.handler(without) == 2
     err = capsys.readouterr().err  # one line on stderr, as every command's bad input
     assert err.startswith("sanitizer verify: error: cannot rebuild the dataset") and "--poisons" in err
+
+
+def _measured(name: str, undefended: tuple[int, int], sanitized: tuple[int, int]) -> dict:
+    from sanitizer.certificate.robustness import rate
+
+    return {"attack": name, "goal": "backdoor", "runs": 2, "measure": "patched image classified as the target",
+            "undefended": {"attack_success": rate(*undefended), "clean_accuracy": rate(9, 10)},
+            "sanitized": {"attack_success": rate(*sanitized), "clean_accuracy": rate(9, 10)},
+            "poisons_dropped": rate(5, 10)}
+
+
+def test_the_report_says_plainly_which_attack_the_sanitizer_did_not_stop(run, tmp_path):
+    """The verdict is computed from the certificate's own counts: intervals apart -> stopped, lower but
+    overlapping -> lower, not lower -> not stopped (listed by name in the summary)."""
+    from sanitizer.certificate.report import not_stopped, robustness_verdict, text_summary
+
+    attacks = [_measured("badnets", (30, 40), (1, 40)), _measured("label_flip", (6, 20), (4, 20)),
+               _measured("sleeper_agent", (3, 20), (5, 20)), _measured("none_run", (0, 0), (0, 0))]
+    assert [robustness_verdict(a) for a in attacks] == ["stopped", "lower", "not stopped", "not measured"]
+    robustness = {"proxy": {"runs": 2}, "attacks": attacks}
+    assert not_stopped(robustness) == ["sleeper_agent"]
+    cert = {**run["cert"], "robustness": {**robustness, "label": "measured", "proxy": {"runs": 2}}}
+    summary = text_summary(cert)
+    assert "NOT STOPPED by this sanitizer: sleeper_agent" in summary and "stopped" in summary
+    html = write_report(cert, tmp_path / "report").read_text()
+    assert "Not stopped by this sanitizer:</b> sleeper_agent" in html

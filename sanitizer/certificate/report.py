@@ -333,6 +333,24 @@ def _rate(r: dict | None) -> str:
     return f"{r['rate']:.1%} ({r['successes']}/{r['trials']}; {lo:.1%}–{hi:.1%})"
 
 
+def robustness_verdict(attack: dict) -> str:
+    """Whether the sanitizer stopped one measured attack, from the counts the certificate holds: ``stopped``
+    (sanitized success below undefended, Wilson 95 % intervals apart), ``lower`` (below, intervals
+    overlapping: more runs would tell), ``not stopped`` (sanitized success at or above undefended) or
+    ``not measured``."""
+    und, san = attack["undefended"]["attack_success"], attack["sanitized"]["attack_success"]
+    if und["rate"] is None or san["rate"] is None:
+        return "not measured"
+    if san["rate"] >= und["rate"]:
+        return "not stopped"
+    return "stopped" if san["wilson95"][1] < und["wilson95"][0] else "lower"
+
+
+def not_stopped(robustness: dict | None) -> list[str]:
+    """The measured attacks the sanitizer did not stop (its success was not lower than undefended)."""
+    return [a["attack"] for a in (robustness or {}).get("attacks", []) if robustness_verdict(a) == "not stopped"]
+
+
 def _img(name: str, data: bytes, alt: str) -> str:
     encoded = base64.b64encode(data).decode("ascii")
     return f"<img src='data:image/png;base64,{encoded}' alt='{html.escape(alt)}' data-file='{name}'>"
@@ -488,11 +506,17 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
                      f"training examples, {e(epochs)} epochs, {e(px.get('runs'))} run(s) per attack, "
                      f"{e(px.get('test_size'))} test images.</p>")
         rows = [[a["attack"], a["goal"], a["runs"], a["measure"], _rate(a["undefended"]["attack_success"]),
-                 _rate(a["sanitized"]["attack_success"]), _rate(a["undefended"]["clean_accuracy"]),
-                 _rate(a["sanitized"]["clean_accuracy"]), _rate(a.get("poisons_dropped"))] for a in rob["attacks"]]
+                 _rate(a["sanitized"]["attack_success"]), robustness_verdict(a),
+                 _rate(a["undefended"]["clean_accuracy"]), _rate(a["sanitized"]["clean_accuracy"]),
+                 _rate(a.get("poisons_dropped"))] for a in rob["attacks"]]
         parts.append(_table(["attack", "goal", "runs", "success means", "success undefended",
-                             "success sanitized", "clean acc. undefended", "clean acc. sanitized",
+                             "success sanitized", "verdict", "clean acc. undefended", "clean acc. sanitized",
                              "poisons dropped"], rows))
+        missed = not_stopped(rob)
+        parts.append(f"<p class='note'><b>Not stopped by this sanitizer:</b> {e(', '.join(missed))}: its attack "
+                     "success with the sanitizer was not lower than without.</p>" if missed else
+                     "<p>Every measured attack had a lower success rate with the sanitizer than without "
+                     "(verdict <i>stopped</i>: the 95 % intervals are apart; <i>lower</i>: they overlap).</p>")
         parts.append("<p class='muted'>Rates: value (successes/trials; Wilson 95% interval).</p>"
                      + imgs.get("robustness", ""))
 
@@ -556,11 +580,16 @@ def text_summary(cert: dict[str, Any]) -> str:
         runs = rob["proxy"].get("runs")
         lines.append(f"robustness  proxy run, {runs} run(s) per attack: attack success, rate [Wilson 95%] "
                      "(successes/trials)")
-        rows = [["attack", "undefended", "sanitized", "poisons dropped"]]
+        rows = [["attack", "undefended", "sanitized", "verdict", "poisons dropped"]]
         rows += [[str(a["attack"]), _short_rate(a["undefended"]["attack_success"]),
-                  _short_rate(a["sanitized"]["attack_success"]), _short_rate(a.get("poisons_dropped"))]
+                  _short_rate(a["sanitized"]["attack_success"]), robustness_verdict(a),
+                  _short_rate(a.get("poisons_dropped"))]
                  for a in rob["attacks"]]
         lines += _columns(rows)
+        missed = not_stopped(rob)
+        if missed:
+            lines.append(f"            NOT STOPPED by this sanitizer: {', '.join(missed)} (success not lower than "
+                         "undefended)")
     part = cert.get("partition")
     if part:
         accs = [a for a in part.get("part_accuracies") or [] if a is not None]
