@@ -25,11 +25,24 @@ def victim_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kind"] == "victim"]
 
 
-def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, monkeypatch):
-    out, cache = tmp_path / "run.jsonl", tmp_path / "cache"
-    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", cache)
+ALL = ["clean", *DEFENSES]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two trials of the tiny preset with every defense of these tests, run once for the module."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    out, cache = folder / "run.jsonl", folder / "cache"
+    poisoning.run(tiny_preset(), "label_flip", 2, ALL, out, "", cache)
+    return out, cache
+
+
+def test_tiny_preset_runs_two_trials_of_four_defenses_and_resumes(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "run.jsonl"
+    out.write_text(tiny_run[0].read_text())
+    cache = tiny_run[1]
     rows = victim_rows(out)
-    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted((t, d) for t in range(2) for d in DEFENSES)
+    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted((t, d) for t in range(2) for d in ALL)
     for trial in range(2):
         per = {r["defense"]: r for r in rows if r["trial"] == trial}
         # Same poisoned set and target for every defense of a trial.
@@ -40,6 +53,9 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
         assert per["density"]["screen"]["dropped"] >= 0 and per["random"]["screen"] is None
         # the screened victim trains from epoch 0, not from the shared prefix that saw the poisons
         assert per["density"]["seconds_prefix"] == 0 and per["none"]["seconds_prefix"] > 0
+        # the reference victim never saw a poison
+        assert per["clean"]["recall"] == 1.0 and per["clean"]["precision"] == 1.0
+        assert per["clean"]["dropped"] == per["clean"]["budget"]
         for r in per.values():
             assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["target_adv_prob"] <= 1
             # the per-epoch trace covers every epoch (prefix included) and ends at the final value
@@ -52,8 +68,8 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
     crafted = []
     real_craft = poisoning.craft
     monkeypatch.setattr(poisoning, "craft", lambda *a, **k: crafted.append(a[2]) or real_craft(*a, **k))
-    poisoning.run(tiny_preset(), "label_flip", 2, DEFENSES, out, "", cache)
-    assert len(victim_rows(out)) == 6 and crafted == []
+    poisoning.run(tiny_preset(), "label_flip", 2, ALL, out, "", cache)
+    assert len(victim_rows(out)) == 8 and crafted == []
 
     # An interrupted trial (a torn last line, one defense missing) is completed, the rest untouched.
     lines = out.read_text().splitlines()
@@ -62,21 +78,19 @@ def test_tiny_preset_runs_two_trials_of_three_defenses_and_resumes(tmp_path, mon
     out.write_text("\n".join(kept) + '\n{"kind": "victim", "tri')
     poisoning.run(tiny_preset(), "label_flip", 3, DEFENSES, out, "", cache)
     rows = [r for _, r in sorted(((r["trial"], r["defense"]), r) for r in load_rows(out)[1])]
-    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted((t, d) for t in range(3) for d in DEFENSES)
+    assert sorted((r["trial"], r["defense"]) for r in rows) == sorted(
+        [(t, d) for t in range(3) for d in DEFENSES] + [(t, "clean") for t in range(2)])
     assert crafted == [1, 2]  # trial 1 re-read from the poison cache, trial 2 crafted
     again = {r["defense"]: r for r in rows if r["trial"] == 1}
     assert again["random"]["dropped_per_round"] == again["density"]["dropped_per_round"]
 
 
-def test_report_has_every_defense_and_plots(tmp_path):
+def test_report_has_every_defense_and_plots(tiny_run, tmp_path):
     out = tmp_path / "run.jsonl"
-    poisoning.run(tiny_preset(), "label_flip", 2, ["clean", *DEFENSES], out, "", tmp_path / "cache")
+    out.write_text(tiny_run[0].read_text())
     text = report(out)
-    for d in ["clean", *DEFENSES]:
+    for d in ALL:
         assert f"| {d} | 2 |" in text
-    for row in load_rows(out)[1]:
-        if row["defense"] == "clean":  # the reference victim never saw a poison
-            assert row["recall"] == 1.0 and row["precision"] == 1.0 and row["dropped"] == row["budget"]
     assert (tmp_path / "run_asr_vs_acc.png").stat().st_size > 1000
     assert (tmp_path / "run_time_ratio.png").stat().st_size > 1000
     summary = {s["defense"]: s for s in summarize(load_rows(out)[1])}

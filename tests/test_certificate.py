@@ -315,7 +315,7 @@ def test_wilson_interval_reference_values():
 def test_measured_robustness_with_a_bundled_attack(run):
     names = ["label_flip", "badnets"]
     assert set(names) <= set(available_attacks()), "the bundled label_flip and badnets attacks must be registered"
-    section = measure_robustness(factory, run["train"], run["test"], TrainConfig(epochs=3, batch_size=32, lr=0.05),
+    section = measure_robustness(factory, run["train"], run["test"], TrainConfig(epochs=2, batch_size=32, lr=0.05),
                                  attacks=[(n, {"budget": 10}, {}) for n in names], runs=1, proxy_per_class=20,
                                  sanitizer_options=SAN_OPTIONS)
     assert section["proxy"]["train_size"] == 200 and "proxy" in section["label"]
