@@ -55,7 +55,8 @@ def run(data: ImageTensorDataset, seed: int, mixup: bool, epochs: int, probe: in
         probe_rows = rng.choice(len(candidates), min(probe, len(candidates)), replace=False)
         rho_all, cos_all = agreement(emb, passed)
         rho_probe, cos_probe = agreement(emb[probe_rows], passed[probe_rows])
-        lines.append(f"{'mixup' if mixup else 'plain'} s{seed} epoch {epoch}: harvested {s._harvest_counts['harvested']}"
+        loop = "mixup" if mixup else "plain"
+        lines.append(f"{loop} s{seed} epoch {epoch}: harvested {s._harvest_counts['harvested']}"
                      f" | all: Spearman(norms) {rho_all:.2f}, median cos {cos_all:.2f} | probe of {len(probe_rows)}: "
                      f"Spearman {rho_probe:.2f}, cos {cos_probe:.2f}")
         print(lines[-1], flush=True)

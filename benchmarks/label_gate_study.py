@@ -52,7 +52,8 @@ def report(tag: str, features: np.ndarray, labels: np.ndarray, flipped: np.ndarr
         clean = flagged if flipped is None else flagged & ~flipped
         line += f" | R>{gate}: flags {flagged.mean():.2%} (clean {clean.sum()}/{len(labels)}"
         if flipped is not None and flipped.any():
-            line += f", recall {flagged[flipped].mean():.2f}, precision {flipped[flagged].mean() if flagged.any() else 0:.2f}"
+            precision = flipped[flagged].mean() if flagged.any() else 0
+            line += f", recall {flagged[flipped].mean():.2f}, precision {precision:.2f}"
         line += ")"
     print(line, flush=True)
 

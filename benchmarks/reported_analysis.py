@@ -101,7 +101,8 @@ def per_set_table(sets: dict[int, dict[str, dict]]) -> str:
         any_row = next(iter(rows.values()))
         cells = [f"{rows[d]['target_adv_prob']:.2g} / {100 * rows[d]['clean_accuracy']:.2f} %" if d in rows else "–"
                  for d in defenses]
-        lines.append(f"| {s} | #{any_row['target_index']} → {any_row['adversarial_class']} | " + " | ".join(cells) + " |")
+        target = f"#{any_row['target_index']} → {any_row['adversarial_class']}"
+        lines.append(f"| {s} | {target} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
