@@ -32,14 +32,14 @@ ALPHA = 0.05
 
 
 def read_victims(paths: list[Path]) -> dict[int, dict[str, dict]]:
-    """{set: {defense: row}} from victim rows (header rows skipped; the first row of a set and defense wins:
-    the undefended reference trained in two processes is the same victim)."""
+    """{set: {defense: row}} from victim rows (header rows and reseeded noise controls skipped; the first row
+    of a set and defense wins: the undefended reference trained in two processes is the same victim)."""
     sets: dict[int, dict[str, dict]] = defaultdict(dict)
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("defense") is None:
-                continue
+            if row.get("defense") is None or row.get("victim_seed", row["seed"]) != row["seed"]:
+                continue  # a header, or a noise-control victim trained from another seed (--victim-seed-offset)
             sets[int(row["trial"])].setdefault(row["defense"], row)
     return dict(sorted(sets.items()))
 
