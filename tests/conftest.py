@@ -4,7 +4,8 @@ import pytest
 import torch
 
 os.environ.setdefault("SANITIZER_PROGRESS", "0")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per xdist worker (the workers already share the cores); two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
