@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 
+from sanitizer.errors import SanitizerError
+
 try:
     import faiss
 except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this keeps the torch path usable
@@ -32,9 +34,15 @@ BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 APPROXIMATE = ("hnsw", "ivf")
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def check_backend(backend: str) -> str:
+    """``backend`` if it names a kNN backend (:data:`BACKENDS`); policies check it when they are built."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {BACKENDS}")
+        raise SanitizerError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    check_backend(backend)
     gpu = torch.cuda.is_available()
     faiss_gpu = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if backend == "auto":

@@ -10,8 +10,8 @@ import warnings
 
 import numpy as np
 
-from sanitizer.errors import SanitizerError, check_embeddings, check_labels, check_positive_int
-from sanitizer.neighbors import BACKENDS, knn
+from sanitizer.errors import check_embeddings, check_labels, check_positive_int
+from sanitizer.neighbors import check_backend, knn
 from sanitizer.policies.base import Policy, Selection, register_policy
 
 
@@ -38,9 +38,7 @@ class DeepKnnPolicy(Policy):
             k = 2 * budget if budget is not None else 50
         self.k = check_positive_int(k, "k")  # Peri et al. use about twice the poison budget
         self.budget = budget
-        if backend not in BACKENDS:
-            raise SanitizerError(f"unknown kNN backend {backend!r}; choose one of {BACKENDS}")
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         y = check_labels(labels, num_classes)

@@ -6,6 +6,7 @@ import numpy as np
 
 from sanitizer.errors import check_fraction, check_positive_int, check_threshold
 from sanitizer.neighbors import (
+    check_backend,
     class_isolation,
     class_isolation_factored,
     outer_product_factors,
@@ -72,7 +73,7 @@ class DensityPolicy(Policy):
         self.k = k
         self.threshold = threshold
         self.max_fraction = max_fraction
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.spectral = bool(spectral)
         self.two_sided = bool(two_sided)
         self.dense_threshold = dense_threshold

@@ -582,6 +582,9 @@ def _policy_cases() -> None:
             shown = "no count=, fraction= or counts="
         name = f"{policy}: {shown}"
         add(P, name, lambda _, p=policy, o=opts: sel(p, x, Y30, **o), **notes.get(name, {}))
+    for policy in ("density", "deep_knn"):  # refused when the policy is built, not at its first selection
+        add(P, f"{policy}: backend='gpu' when the policy is built",
+            lambda _, p=policy: make_policy(p, backend="gpu"), match="unknown kNN backend")
     add(P, "random: seed=-1 (any integer seeds)", lambda _: sel("random", x, Y30, seed=-1), expect="accept")
     add(P, "activation_clustering: a round seed above 2**32", lambda _: sel(
         "activation_clustering", x, Y30, seed=5000 * 1_000_003 + 7), expect="accept")
