@@ -104,7 +104,7 @@ def check_label_array(values, what: str, n: int | None = None, num_classes: int 
     """Class labels as int64: integers in ``[0, num_classes)`` (when known), ``n`` of them (when given)."""
     labels = integer_array(values, what)
     if n is not None and len(labels) != n:
-        raise SanitizerError(f"{len(labels)} {what} for {n} images; give one label per image")
+        raise SanitizerError(f"{what}: {len(labels)} labels for {n} images; give one label per image")
     if num_classes is not None and len(labels) and labels.max() >= num_classes:
         bad = int(np.flatnonzero(labels >= num_classes)[0])
         raise SanitizerError(f"{what}: label {int(labels[bad])} at position {bad} is out of range for "
