@@ -7,7 +7,8 @@ primary comparison for the reported seeds"), computed from the victims' JSONL ro
   alternative is that density's effect is lower; a large p leaves H2 undecided, not refuted).
 - H3: ``density``'s clean accuracy is at least ``none``'s minus 1 point (paired one-sided t-test on
   acc_density - acc_none + 0.01 > 0).
-- Holm's correction over H1-H3 at alpha = 0.05. A hypothesis with fewer than 2 complete sets is not tested.
+- Holm's correction over H1-H3 at alpha = 0.05; a hypothesis with fewer than 2 complete sets is not tested and
+  counts as p = 1 in the correction.
 
 Secondary, with 95 % Wilson intervals: attack success (the target classified as the adversarial class),
 poison recall, clean examples dropped, time against ``none``.
@@ -84,11 +85,12 @@ def hypotheses(sets: dict[int, dict[str, dict]]) -> list[tuple[str, int, float |
 
 
 def holm(pvalues: list[float | None]) -> list[bool | None]:
-    """Holm's step-down rejections at ALPHA (None where not tested)."""
-    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    """Holm's step-down rejections at ALPHA over the whole pre-registered family: a hypothesis that could not
+    be tested counts as p = 1 (it still takes its share of alpha) and is reported as None."""
+    ordered = sorted((1.0 if p is None else p, i) for i, p in enumerate(pvalues))
     reject: list[bool | None] = [None if p is None else False for p in pvalues]
-    for rank, (p, i) in enumerate(tested):
-        if p > ALPHA / (len(tested) - rank):
+    for rank, (p, i) in enumerate(ordered):
+        if p > ALPHA / (len(ordered) - rank):
             break
         reject[i] = True
     return reject
