@@ -10,14 +10,13 @@ keywords of :class:`~sanitizer.Sanitizer`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sanitizer.embeddings import check_embedding_name
 from sanitizer.errors import SanitizerError, check_positive_int
-from sanitizer.options import parse_policy_spec
+from sanitizer.options import json_safe, parse_policy_spec
 from sanitizer.policies import Policy, make_policy
 from sanitizer.unlearn import check_unlearn_options
 
@@ -131,7 +130,7 @@ class SanitizerConfig:
         if isinstance(self.policy, Policy):
             out["policy"], out["policy_options"] = self.policy.name, self.policy.config()
         out["audit_policies"] = [p.name if isinstance(p, Policy) else p for p in self.audit_policies]
-        return {key: _plain(value) for key, value in out.items()}
+        return json_safe(out)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SanitizerConfig:
@@ -156,16 +155,3 @@ class SanitizerConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(SanitizerConfig))
 # set per run (by the data, the caller's seed and training length, or what the user watches), not by the defense
 RUN_SPECIFIC = ("num_classes", "seed", "epochs", "audit", "audit_policies", "keep_embeddings", "check", "verbose")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copies: tuples become lists, numpy scalars Python numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

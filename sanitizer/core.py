@@ -23,7 +23,7 @@ from sanitizer.distributed import (
     unwrap_model,
 )
 from sanitizer.embeddings import check_embedding_name, embed_outputs, gradient_embeddings, last_linear_of
-from sanitizer.errors import SanitizerError, check_labels, check_map_dataset
+from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
 from sanitizer.harvest import Harvester
 from sanitizer.noise_screen import (
     GROUP_CUT,
@@ -77,14 +77,13 @@ def _label_value(label: Any) -> Any:
 
 
 def _state_int(state: Mapping[str, Any], key: str, minimum: int) -> int:
-    """An integer entry of a saved state (a bool, 1.5 or "a" is refused, not cast)."""
+    """An integer entry of a saved state (1.5 or "a" is refused, not cast)."""
     value = state[key]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SanitizerError(f"the state's {key!r} must be an integer >= {minimum}, got {value!r}; the state is "
-                             "corrupt or was edited")
-    return int(value)
+    try:
+        return check_positive_int(value.item() if isinstance(value, torch.Tensor) else value, f"the state's {key!r}",
+                                  minimum)
+    except SanitizerError as exc:
+        raise SanitizerError(f"{exc}; the state is corrupt or was edited") from None
 
 
 class XYView(Dataset):

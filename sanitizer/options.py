@@ -1,4 +1,5 @@
-"""The one option grammar of the package: ``KEY=VALUE`` items and ``name:key=value:...`` policy specs.
+"""The one option grammar of the package: ``KEY=VALUE`` items and ``name:key=value:...`` policy specs, and
+:func:`json_safe`, which writes option values (and certificates) back as plain JSON.
 
 Values are read as JSON (``250``, ``0.5``, ``[1, 2]``, ``"x"``), else ``true``/``false`` in any case as
 booleans, else kept as text. The command line (``sanitizer attack --param``, ``sanitizer certify
@@ -9,8 +10,12 @@ booleans, else kept as text. The command line (``sanitizer attack --param``, ``s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+import torch
 
 from sanitizer.errors import SanitizerError
 
@@ -52,3 +57,22 @@ def parse_policy_spec(spec: str, error: Callable[[str], BaseException] = Sanitiz
     if not name:
         raise error(f"a policy spec starts with the policy's name, got {spec!r}")
     return name, parse_key_values(parts, f"the options of {spec!r} (write name:key=value)", error)
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays become Python ones, non-finite floats become None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)

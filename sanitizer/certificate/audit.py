@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,27 +22,9 @@ from torch.utils.data import Dataset
 
 from sanitizer.embeddings import iterate_batches
 from sanitizer.errors import SanitizerError, check_map_dataset
+from sanitizer.options import json_safe
 
 FINGERPRINT_VERSION = "sanitizer-dataset-v1"
-
-
-def json_safe(value: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays become Python ones, non-finite floats become None."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return json_safe(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def canonical_json(value: Any) -> str:
