@@ -46,7 +46,9 @@ def report(tag: str, features: np.ndarray, labels: np.ndarray, flipped: np.ndarr
     agree, _ = knn_label_shares(features, labels, k)
     ratios = gate_ratios(agree, labels, num_classes)
     low = agree <= 0.1
-    line = f"{tag}: R per class [{' '.join(f'{r:.1f}' for r in ratios)}]; agree<=0.1 flags {low.mean():.2%}"
+    pooled = low.sum() / max(1, ((agree >= 0.2) & (agree <= 0.5)).sum())
+    line = (f"{tag}: R pooled {pooled:.2f}, per class [{' '.join(f'{r:.1f}' for r in ratios)}]; "
+            f"agree<=0.1 flags {low.mean():.2%}")
     for gate in GATES:
         flagged = low & np.isin(labels, np.flatnonzero(ratios > gate))
         clean = flagged if flipped is None else flagged & ~flipped

@@ -476,6 +476,8 @@ class Sanitizer:
             record["harvest"] = self._harvest_counts
         if audit is not None:
             record["audit"] = audit
+        if "label_side" in selection.info:  # why the density policy's label side did or did not act
+            record["label_side"] = selection.info["label_side"]
         if self.action == "unlearn" and len(dropped_now):
             record["unlearn"] = unlearn(unwrap_model(self.model), self.embed_dataset, dropped_now, self.num_classes,
                                         retain=np.flatnonzero(self.keep), batch_size=min(self.batch_size, 128),

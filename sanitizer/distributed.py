@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sanitizer.errors import SanitizerError, check_labels
+from sanitizer.errors import SanitizerError, check_embeddings, check_labels
 from sanitizer.policies.base import Policy, Selection
 
 
@@ -201,7 +201,8 @@ def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labe
     order = np.argsort(positions, kind="stable")
     rows, positions = rows[torch.from_numpy(order)], positions[order]
     if len(positions):
-        sel = policy.select(rows, labels[positions], num_classes=num_classes, seed=seed)
+        sel = policy.select_by_class(check_embeddings(rows, len(positions)), labels[positions],
+                                     num_classes=num_classes, seed=seed)
         keep, scores, info = sel.keep, sel.scores, sel.info
     else:
         keep, scores, info = np.ones(0, dtype=bool), np.zeros(0), {"per_class": {}, "skipped_classes": []}
@@ -219,7 +220,32 @@ def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labe
               "skipped_classes": sorted(c for part in infos for c in part["skipped_classes"]),
               "class_owner": owners}
     merged["per_class"] = dict(sorted(merged["per_class"].items()))
-    return Selection(full_keep, full_scores, merged)
+    selection = Selection(full_keep, full_scores, merged)
+    policy._num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
+    _select_across_sharded(policy, local_rows, local_positions, labels, selection)
+    return selection
+
+
+def _select_across_sharded(policy: Policy, local_rows: torch.Tensor, local_positions: np.ndarray,
+                           labels: np.ndarray, selection: Selection) -> None:
+    """The policy's cross-class step (e.g. density's label side) on the small per-row features it asks for,
+    gathered from every rank's shard; every rank computes the same result from the same inputs."""
+    local = policy.cross_class_features(check_embeddings(local_rows, len(local_positions))) \
+        if len(local_positions) else None
+    wanted = [None] * dist.get_world_size()
+    dist.all_gather_object(wanted, None if local is None else local.shape[1])
+    widths = {w for w in wanted if w is not None}
+    if not widths:
+        return
+    width = min(widths)  # 0: some rank's rows gave no features, so the step is skipped everywhere
+    if local is None or local.shape[1] != width:  # an empty shard, or a rank whose rows gave no features
+        local = np.zeros((len(local_positions), width), np.float32)
+    mine = torch.from_numpy(np.concatenate([np.asarray(local_positions, np.float64)[:, None],
+                                            local.astype(np.float64)], 1))
+    features = np.zeros((len(labels), width), np.float32)
+    for part in _all_gather_uneven(mine):
+        features[part[:, 0].numpy().astype(np.int64)] = part[:, 1:].numpy()
+    policy.select_across(features, labels, selection)
 
 
 def sharded_round(embed: Callable[[np.ndarray], torch.Tensor], candidates: np.ndarray, labels, policy: Policy,

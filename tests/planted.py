@@ -89,3 +89,21 @@ def uninterrupted_and_resumed(ds, cfg, stop: int, **sanitizer_options):
     san3.load_state_dict(checkpoint["san"])
     continue_training(model3, ds, cfg, opt3, sched3, san3, stop, cfg.epochs)
     return (model, san), (model3, san3)
+
+
+def last_layer_rows(separation: float, flip_rate: float, seed: int = 0, classes: int = 10, per_class: int = 60,
+                    dim: int = 16):
+    """Explicit last-layer gradient rows (softmax error ⊗ [features; 1]) of a model that predicts the true
+    class, for Gaussian feature clusters ``separation`` apart, with ``flip_rate`` of the labels flipped."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)) * separation
+    true = np.repeat(np.arange(classes), per_class)
+    features = np.maximum(centers[true] + rng.normal(size=(len(true), dim)), 0).astype(np.float32)
+    labels = true.copy()
+    flipped = rng.random(len(true)) < flip_rate
+    labels[flipped] = (true[flipped] + rng.integers(1, classes, flipped.sum())) % classes
+    probs = np.full((len(true), classes), 0.02)
+    probs[np.arange(len(true)), true] = 1 - 0.02 * (classes - 1)
+    error = (probs - np.eye(classes)[labels]).astype(np.float32)
+    h1 = np.concatenate([features, np.ones((len(true), 1), np.float32)], 1)
+    return (error[:, :, None] * h1[:, None, :]).reshape(len(true), -1), labels, flipped

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from planted import planted_dataset, tiny_mlp, weights
+from planted import last_layer_rows, planted_dataset, tiny_mlp, weights
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -148,8 +148,14 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
             refused = False
         except SanitizerError:
             refused = True
+        # the label side looks across classes: its features are gathered from both shards
+        rows, flipped_labels, _ = last_layer_rows(separation=4.0, flip_rate=0.1)
+        label_policy = make_policy("density")
+        label_policy.start_round(1)
+        sel4 = select_sharded(label_policy, rows[rank::world], np.arange(len(rows))[rank::world], flipped_labels)
         arrays = {"keep": sel.keep, "scores": sel.scores, "keep2": sel2.keep, "scores2": sel2.scores,
-                  "embedded": np.concatenate(seen), "keep3": sel3.keep, "scores3": sel3.scores}
+                  "embedded": np.concatenate(seen), "keep3": sel3.keep, "scores3": sel3.scores,
+                  "keep4": sel4.keep, "scores4": sel4.scores}
         # tensors and plain types only, so the parent reads them back with weights_only=True
         torch.save({**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, "info": _plain(sel.info),
                     "refused": refused}, os.path.join(out_dir, f"sharded{rank}.pt"))
@@ -181,6 +187,11 @@ def test_two_process_class_sharded_round_matches_one_process(tmp_path):
         ref2 = policy.select(x[candidates], y[candidates], num_classes=4, seed=3)
     one = np.flatnonzero(y == 0)
     ref3 = policy.select(x[one], y[one])
+    rows, flipped_labels, _ = last_layer_rows(separation=4.0, flip_rate=0.1)
+    label_policy = make_policy("density")
+    label_policy.start_round(1)
+    ref4 = label_policy.select(rows, flipped_labels)
+    assert ref4.info["label_side"]["dropped_by_label_side_only"] > 0
     for r in ranks:
         # every rank holds the whole decision, equal to one process's, over all N candidates
         assert np.array_equal(r["keep"], ref.keep) and (~ref.keep).sum() > 0
@@ -192,6 +203,9 @@ def test_two_process_class_sharded_round_matches_one_process(tmp_path):
         np.testing.assert_allclose(r["scores2"], ref2.scores, rtol=1e-5, atol=1e-6)
         assert np.array_equal(r["keep3"], ref3.keep)
         np.testing.assert_allclose(r["scores3"], ref3.scores, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(r["keep4"], ref4.keep)
+        # the factored kNN's sums run in another order with other thread counts: the z-scores agree to ~1e-4
+        np.testing.assert_allclose(r["scores4"], ref4.scores, rtol=1e-3, atol=1e-4)
         assert r["refused"]  # deep-knn looks across classes: not shardable by class
     # the embedding pass was split: each candidate embedded once, by one rank
     assert sorted(np.concatenate([r["embedded"] for r in ranks]).tolist()) == candidates.tolist()

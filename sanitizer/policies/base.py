@@ -54,6 +54,15 @@ class Policy:
     def select(self, embeddings, labels, num_classes: int | None = None, seed: int = 0) -> Selection:
         y = check_labels(labels, num_classes)
         x = check_embeddings(embeddings, len(y))
+        selection = self.select_by_class(x, y, num_classes, seed)
+        features = self.cross_class_features(x)
+        if features is not None:
+            self.select_across(features, y, selection)
+        return selection
+
+    def select_by_class(self, x: np.ndarray, y: np.ndarray, num_classes: int | None = None,
+                        seed: int = 0) -> Selection:
+        """The class-by-class part of :meth:`select`, on checked embeddings ``x`` and labels ``y``."""
         self._num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
         keep = np.ones(len(y), dtype=bool)
         scores = np.zeros(len(y), dtype=np.float64)
@@ -71,6 +80,15 @@ class Policy:
             warnings.warn(f"classes {info['skipped_classes']} have fewer than {self.min_class_size} examples; "
                           f"the {self.name!r} policy keeps them all", stacklevel=2)
         return Selection(keep, scores, info)
+
+    def cross_class_features(self, x: np.ndarray) -> np.ndarray | None:
+        """What a cross-class step (:meth:`select_across`) needs of each embedding row, or None when the policy
+        has no such step this round. Small per-row features, so a class-sharded DDP round
+        (:func:`~sanitizer.distributed.select_sharded`) can gather them instead of the embeddings."""
+        return None
+
+    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection) -> None:
+        """After the class-by-class decision, look across classes and update ``selection`` in place."""
 
     def start_round(self, index: int) -> None:
         """Called by the Sanitizer before round ``index`` (0-based) is selected; policies whose

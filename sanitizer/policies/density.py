@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sanitizer.errors import check_fraction, check_positive_int, check_threshold
+from sanitizer.label_agreement import mislabelled
 from sanitizer.neighbors import (
     check_backend,
     class_isolation,
@@ -13,7 +14,7 @@ from sanitizer.neighbors import (
     principal_deviation,
     robust_zscore,
 )
-from sanitizer.policies.base import Policy, cap_count, register_policy
+from sanitizer.policies.base import Policy, Selection, cap_count, register_policy
 
 
 @register_policy("density")
@@ -50,6 +51,16 @@ class DensityPolicy(Policy):
     At most ``max_fraction`` of a class is dropped per round (most extreme first). With the two-sided
     score pass a larger cap (e.g. 0.2): 10 % of a class can be poisons, and 5 % would hide half of them.
 
+    **The label side** (``label_side=True``, the default) looks across classes: an example of which at
+    most one of its ``label_k`` nearest neighbours in penultimate-feature space (all classes) carries its
+    label is mislabelled, or natural confusion. It acts only when such examples form a population of their
+    own (:mod:`sanitizer.label_agreement`: the gate ratio above ``label_gate``), which random label flips
+    make and clean data, even CIFAR-10 at 83 % accuracy, does not; and only from round
+    ``label_start_round`` (the second) on, once the features are past the first epochs. It needs the
+    features, so it runs on the explicit last-layer embedding (the default), whose rows factor as
+    softmax error ⊗ [features; 1]; with other embeddings it is skipped and the round's info says so. It is not bound by
+    ``max_fraction`` (10 % flipped labels would hide behind a 5 % cap), only by half of each class.
+
     With ``spectral=True`` the isolation side also takes the robust z-score of the example's deviation
     along its class's top principal direction (:func:`~sanitizer.neighbors.principal_deviation`).
 
@@ -62,8 +73,13 @@ class DensityPolicy(Policy):
     def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.05,
                  backend: str = "auto", spectral: bool = False, two_sided: bool = False,
                  dense_threshold: float | None = None, dense_rounds: int | None = 1, screen: bool = True,
-                 screen_threshold: float = 3.5) -> None:
+                 screen_threshold: float = 3.5, label_side: bool = True, label_k: int = 20,
+                 label_gate: float = 1.0, label_start_round: int = 1) -> None:
         k = check_positive_int(k, "k")
+        self.label_side = bool(label_side)
+        self.label_k = check_positive_int(label_k, "label_k")
+        self.label_gate = check_threshold(label_gate, "label_gate")
+        self.label_start_round = check_positive_int(label_start_round, "label_start_round", 0)
         self.screen = bool(screen)
         self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
         max_fraction = check_fraction(max_fraction, "max_fraction", zero_ok=True)
@@ -96,6 +112,36 @@ class DensityPolicy(Policy):
         if factors is not None:
             return class_isolation_factored(*factors, self.k)
         return class_isolation(x, self.k, self.backend)
+
+    def cross_class_features(self, x: np.ndarray) -> np.ndarray | None:
+        """The penultimate features of each row (from the last-layer embedding's factors) when the label side
+        acts this round; ``[n, 0]`` when it should but the rows are not last-layer gradients."""
+        if not self.label_side or self._round < self.label_start_round:
+            return None
+        factors = outer_product_factors(x, self._num_classes) if len(x) > 1 else None
+        return np.zeros((len(x), 0), np.float32) if factors is None else factors[1][:, :-1]
+
+    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection) -> None:
+        """The label side: drop the mislabelled examples (see the class docstring) from ``selection``."""
+        if features.shape[1] == 0:
+            selection.info["label_side"] = {"open": False, "skipped": "the embedding rows are not last-layer "
+                                            "gradients (softmax error ⊗ [features; 1]), so no features"}
+            return
+        y = np.asarray(labels)
+        flagged, agreement, info = mislabelled(features, y, self.label_k, self.label_gate, self.backend)
+        dropped = 0
+        for c in np.unique(y[flagged]):
+            members = np.flatnonzero(y == c)
+            if len(members) < self.min_class_size:
+                continue
+            ranked = members[flagged[members]]
+            ranked = ranked[np.argsort(agreement[ranked], kind="stable")][:len(members) // 2]  # never empty a class
+            dropped += int(selection.keep[ranked].sum())
+            selection.keep[ranked] = False
+            # above the threshold when flagged: the highest flagged agreement maps to the threshold
+            label_score = self.threshold * (1.0 - agreement[ranked]) / (1.0 - agreement[ranked].max()) + 1e-9
+            selection.scores[ranked] = np.maximum(selection.scores[ranked], label_score)
+        selection.info["label_side"] = {**info, "dropped_by_label_side_only": dropped}
 
     def select_class(self, x: np.ndarray, label: int, seed: int):
         isolation = self._isolation(x)

@@ -1,0 +1,106 @@
+"""The density policy's label side (sanitizer.label_agreement): it finds randomly flipped labels and stays
+closed on clean labels, even when the classes overlap."""
+
+import numpy as np
+import pytest
+from planted import last_layer_rows
+
+from sanitizer.label_agreement import gate_ratio, label_agreement, mislabelled
+from sanitizer.neighbors import outer_product_factors
+from sanitizer.policies.density import DensityPolicy
+
+
+def second_round_policy(**options) -> DensityPolicy:
+    policy = DensityPolicy(**options)
+    policy.start_round(1)  # the label side acts from the second round on
+    return policy
+
+
+def test_agreement_counts_the_neighbours_that_share_the_label():
+    f = np.array([[1.0, 0.0], [0.9, 0.1], [0.95, 0.05], [0.0, 1.0], [0.1, 0.9]], dtype=np.float32)
+    agree = label_agreement(f, np.array([0, 0, 1, 1, 1]), k=2)
+    assert agree.tolist() == [0.5, 0.5, 0.0, 0.5, 0.5]
+    assert label_agreement(f[:1], np.array([0])).tolist() == [1.0]  # nothing to compare with
+
+
+def test_the_gate_ratio_is_low_mass_over_middle_mass():
+    agreement = np.array([0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0])
+    assert gate_ratio(agreement) == pytest.approx(3 / 2)
+    assert gate_ratio(np.ones(5)) == 0.0
+
+
+def test_random_flips_are_found_when_classes_are_separated():
+    x, labels, flipped = last_layer_rows(separation=4.0, flip_rate=0.1)
+    sel = second_round_policy().select(x, labels)
+    side = sel.info["label_side"]
+    assert side["open"] and side["gate_ratio"] > 1
+    dropped = ~sel.keep
+    assert dropped[flipped].mean() >= 0.9
+    assert flipped[dropped].mean() >= 0.8
+    assert np.all(sel.scores[flipped & dropped] > DensityPolicy().threshold)
+
+
+@pytest.mark.parametrize("separation", [4.0, 1.0, 0.5])
+def test_clean_labels_keep_the_gate_closed_even_when_classes_overlap(separation):
+    x, labels, flipped = last_layer_rows(separation=separation, flip_rate=0.0)
+    assert not flipped.any()
+    with_side = second_round_policy().select(x, labels)
+    without = second_round_policy(label_side=False).select(x, labels)
+    assert not with_side.info["label_side"]["open"]
+    assert with_side.info["label_side"]["dropped_by_label_side_only"] == 0
+    assert np.array_equal(with_side.keep, without.keep)
+
+
+def test_the_first_round_and_label_side_false_leave_the_labels_alone():
+    x, labels, _ = last_layer_rows(separation=4.0, flip_rate=0.1)
+    first = DensityPolicy().select(x, labels)  # round 0
+    assert "label_side" not in first.info
+    off = second_round_policy(label_side=False).select(x, labels)
+    on = second_round_policy().select(x, labels)
+    assert (~on.keep).sum() > (~off.keep).sum() == (~first.keep).sum()
+
+
+def test_other_embeddings_skip_the_label_side_and_say_why():
+    x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    sel = second_round_policy().select(x, np.arange(200) % 2)
+    assert sel.info["label_side"]["open"] is False and "not last-layer" in sel.info["label_side"]["skipped"]
+
+
+def test_never_more_than_half_of_a_class_is_dropped_by_the_label_side():
+    # class 1 is six examples, one from each of six other clusters (its own cluster's examples now say 7):
+    # none of them has a neighbour labelled 1, so all six are flagged, and only three may go
+    x, labels, _ = last_layer_rows(separation=4.0, flip_rate=0.0)
+    true = labels.copy()
+    labels[true == 1] = 7
+    labels[[np.flatnonzero(true == c)[0] for c in (0, 2, 3, 4, 5, 6)]] = 1
+    features = outer_product_factors(x, 10)[1][:, :-1]
+    flagged, _, info = mislabelled(features, labels, k=20)
+    assert info["open"] and flagged[labels == 1].all()
+    sel = second_round_policy().select(x, labels)
+    assert (~sel.keep[labels == 1]).sum() == 3
+
+
+@pytest.mark.parametrize("options, message", [({"label_k": 0}, "label_k"), ({"label_gate": -1}, "label_gate"),
+                                              ({"label_start_round": -1}, "label_start_round")])
+def test_bad_label_side_options_are_refused_by_name(options, message):
+    from sanitizer.errors import SanitizerError
+
+    with pytest.raises(SanitizerError, match=message):
+        DensityPolicy(**options)
+
+
+def test_the_default_sanitizer_drops_flipped_labels_and_says_why_in_its_history():
+    from planted import planted_dataset, tiny_mlp
+
+    from sanitizer import Sanitizer
+    from sanitizer.train import TrainConfig, train_classifier
+
+    data, flipped = planted_dataset(per_class=100, planted_per_class=8, seed=0)  # 8 % of each class relabelled
+    model = tiny_mlp(seed=0)
+    sanitizer = Sanitizer(model, data, warmup=2, every=1, epochs=5, verbose=False, seed=0)
+    train_classifier(model, data, TrainConfig(epochs=5, lr=0.05, batch_size=32, augment=False, seed=0),
+                     sanitizer=sanitizer)
+    rounds = [r for r in sanitizer.history if r.get("kind") != "screen"]
+    assert "label_side" not in rounds[0]  # the first round leaves labels alone
+    assert rounds[1]["label_side"]["open"] and rounds[1]["label_side"]["flagged"] >= 6  # what round 0 left
+    assert set(flipped) <= set(sanitizer.dropped.tolist())
