@@ -116,6 +116,13 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_flag(value, name: str) -> bool:
+    """A yes/no option: True/False (numpy bools too). ``"false"`` would be truthy, so strings are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise SanitizerError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_seed(value, name: str = "seed") -> int:
     """A seed as an int: any integer (negative ones too), refusing strings, bools and floats like 1.5."""
     return check_positive_int(value, name, minimum=-(2**63))

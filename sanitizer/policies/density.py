@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.errors import check_fraction, check_positive_int, check_threshold
+from sanitizer.errors import check_flag, check_fraction, check_positive_int, check_threshold
 from sanitizer.label_agreement import mislabelled
 from sanitizer.neighbors import (
     check_backend,
@@ -76,11 +76,11 @@ class DensityPolicy(Policy):
                  screen_threshold: float = 3.5, label_side: bool = True, label_k: int = 20,
                  label_gate: float = 1.0, label_start_round: int = 1) -> None:
         k = check_positive_int(k, "k")
-        self.label_side = bool(label_side)
+        self.label_side = check_flag(label_side, "label_side")
         self.label_k = check_positive_int(label_k, "label_k")
         self.label_gate = check_threshold(label_gate, "label_gate")
         self.label_start_round = check_positive_int(label_start_round, "label_start_round", 0)
-        self.screen = bool(screen)
+        self.screen = check_flag(screen, "screen")
         self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
         max_fraction = check_fraction(max_fraction, "max_fraction", zero_ok=True)
         threshold = check_threshold(threshold)
@@ -90,8 +90,8 @@ class DensityPolicy(Policy):
         self.threshold = threshold
         self.max_fraction = max_fraction
         self.backend = check_backend(backend)
-        self.spectral = bool(spectral)
-        self.two_sided = bool(two_sided)
+        self.spectral = check_flag(spectral, "spectral")
+        self.two_sided = check_flag(two_sided, "two_sided")
         self.dense_threshold = dense_threshold
         # None: the dense side acts in every round
         self.dense_rounds = None if dense_rounds is None else check_positive_int(dense_rounds, "dense_rounds", 0)

@@ -553,6 +553,9 @@ def _policy_cases() -> None:
         ("density", {"max_fraction": "a"}), ("density", {"backend": "gpu"}),
         ("density", {"dense_rounds": -1}), ("density", {"dense_rounds": 1.5}),
         ("density", {"dense_threshold": float("nan")}), ("density", {"screen_threshold": 0}),
+        ("density", {"label_k": 0}), ("density", {"label_k": 2.5}), ("density", {"label_gate": float("nan")}),
+        ("density", {"label_gate": -1}), ("density", {"label_start_round": -1}),
+        ("density", {"label_side": "false"}), ("density", {"two_sided": "no"}), ("density", {"spectral": 1}),
         ("deep_knn", {"k": 0}), ("deep_knn", {"k": 2.5}), ("deep_knn", {"k": "5"}), ("deep_knn", {"k": True}),
         ("deep_knn", {"budget": 2.5}), ("deep_knn", {"budget": 0}), ("deep_knn", {"backend": "gpu"}),
         ("spectral", {"budget": 2.5}), ("spectral", {"budget": float("nan")}), ("spectral", {"budget": "a"}),
@@ -573,6 +576,8 @@ def _policy_cases() -> None:
     notes = {  # case name -> add() keywords: the message a clear error must carry, known bugs elsewhere
         "density: max_fraction='a'": {"match": "max_fraction"},
         "density: dense_rounds=1.5": {"match": "dense_rounds"},
+        "density: label_side='false'": {"match": "label_side"},
+        "density: label_start_round=-1": {"match": "label_start_round"},
         "cleanlab: c='a'": {"match": r"\bc\b.*positive number"},
         "random: counts=3": {"match": "counts"},
     }
