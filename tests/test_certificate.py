@@ -417,3 +417,16 @@ def test_the_report_says_plainly_which_attack_the_sanitizer_did_not_stop(run, tm
     assert "NOT STOPPED by this sanitizer: sleeper_agent" in summary and "stopped" in summary
     html = write_report(cert, tmp_path / "report").read_text()
     assert "Not stopped by this sanitizer:</b> sleeper_agent" in html
+
+
+def test_the_report_says_whether_the_label_side_acted_in_each_round(run, tmp_path):
+    from sanitizer.certificate.report import label_side_summary
+
+    opened = {"gate_ratio": 1.44, "gate": 1.0, "open": True, "flagged": 171, "dropped_by_label_side_only": 30}
+    assert label_side_summary(opened) == "open (gate ratio 1.44, cut 1): 171 flagged, 30 dropped by it alone"
+    assert label_side_summary({"gate_ratio": 0.5, "gate": 1.0, "open": False}).startswith("closed (gate ratio 0.50")
+    assert label_side_summary(None) == "–"
+    cert = copy.deepcopy(run["cert"])
+    cert["audit"]["rounds"][-1]["label_side"] = opened
+    html = write_report(cert, tmp_path / "report").read_text()
+    assert "<th>label side</th>" in html and "171 flagged" in html

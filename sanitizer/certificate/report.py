@@ -68,6 +68,19 @@ def _class_colors(n: int):
 
 
 # -- figures ---------------------------------------------------------------------------------------
+def label_side_summary(side: dict | None) -> str:
+    """One cell: did the density policy's label side act in this round, and why (its gate ratio)."""
+    if not isinstance(side, dict):
+        return "–"
+    if "skipped" in side:
+        return f"skipped: {side['skipped']}"
+    state = "open" if side.get("open") else "closed"
+    text = f"{state} (gate ratio {side.get('gate_ratio', float('nan')):.2f}, cut {side.get('gate', 1.0):g})"
+    if side.get("open"):
+        text += f": {side.get('flagged', 0)} flagged, {side.get('dropped_by_label_side_only', 0)} dropped by it alone"
+    return text
+
+
 def fig_rounds(cert: dict, out_dir: Path):
     plt = _plt()
     rounds = cert["audit"]["rounds"]
@@ -461,9 +474,9 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
                  "file: only <code>verify</code> says whether the file is intact and who signed it.</p>")
 
     parts.append("<h2>Rounds</h2>" + imgs.get("rounds", "<p>No rounds ran.</p>"))
-    rows = [[r["round"], r["epoch"], r["candidates"], len(r["dropped_now"]), r["dropped_total"]]
-            for r in audit["rounds"]]
-    parts.append(_table(["round", "epoch", "candidates", "dropped now", "dropped in total"], rows))
+    rows = [[r["round"], r["epoch"], r["candidates"], len(r["dropped_now"]), r["dropped_total"],
+             label_side_summary(r.get("label_side"))] for r in audit["rounds"]]
+    parts.append(_table(["round", "epoch", "candidates", "dropped now", "dropped in total", "label side"], rows))
     if "scores" in imgs:
         parts.append("<h2>Scores</h2>" + imgs["scores"])
     if any(r.get("audit") for r in audit["rounds"]):
