@@ -221,16 +221,16 @@ def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labe
               "class_owner": owners}
     merged["per_class"] = dict(sorted(merged["per_class"].items()))
     selection = Selection(full_keep, full_scores, merged)
-    policy._num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
-    _select_across_sharded(policy, local_rows, local_positions, labels, selection)
+    num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
+    _select_across_sharded(policy, local_rows, local_positions, labels, num_classes, selection)
     return selection
 
 
 def _select_across_sharded(policy: Policy, local_rows: torch.Tensor, local_positions: np.ndarray,
-                           labels: np.ndarray, selection: Selection) -> None:
+                           labels: np.ndarray, num_classes: int, selection: Selection) -> None:
     """The policy's cross-class step (e.g. density's label side) on the small per-row features it asks for,
     gathered from every rank's shard; every rank computes the same result from the same inputs."""
-    local = policy.cross_class_features(check_embeddings(local_rows, len(local_positions))) \
+    local = policy.cross_class_features(check_embeddings(local_rows, len(local_positions)), num_classes) \
         if len(local_positions) else None
     wanted = [None] * dist.get_world_size()
     dist.all_gather_object(wanted, None if local is None else local.shape[1])

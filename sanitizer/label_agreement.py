@@ -38,14 +38,20 @@ def label_agreement(features: np.ndarray, labels: np.ndarray, k: int = 10, backe
         >>> label_agreement(f, np.array([0, 0, 1, 0]), k=1).tolist()
         [1.0, 1.0, 0.0, 0.0]
     """
+    agreeing, k = _agreeing_neighbours(features, labels, k, backend)
+    return agreeing / k
+
+
+def _agreeing_neighbours(features: np.ndarray, labels: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, int]:
+    """(how many of each example's k nearest others carry its label, the k used: at most n − 1)."""
     n = len(labels)
     if n < 2:
-        return np.ones(n)
+        return np.ones(n), 1
     k = min(k, n - 1)
     unit = np.asarray(features, dtype=np.float32)
     unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-12)
     _, idx = knn(unit, k, backend)
-    return (labels[idx] == labels[:, None]).mean(1)
+    return (labels[idx] == labels[:, None]).sum(1), k
 
 
 def gate_ratio(agreement: np.ndarray) -> float:
@@ -60,9 +66,9 @@ def mislabelled(features: np.ndarray, labels: np.ndarray, k: int = 10, gate: flo
                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """(flagged bool [n], agreement [n], info): the examples with at most one agreeing neighbour, flagged
     only when the gate ratio exceeds ``gate`` (else none)."""
-    agreement = label_agreement(features, labels, k, backend)
+    agreeing, k = _agreeing_neighbours(features, labels, k, backend)
+    agreement = agreeing / k
     ratio = gate_ratio(agreement)
-    agreeing = np.rint(agreement * min(k, max(len(labels) - 1, 1)))
     flagged = (agreeing <= MAX_AGREEING) & (ratio > gate)
     return flagged, agreement, {"gate_ratio": round(ratio, 4), "gate": gate, "open": bool(ratio > gate),
                                 "low_agreement": int((agreement <= LOW_AGREEMENT).sum()),

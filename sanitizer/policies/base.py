@@ -55,7 +55,7 @@ class Policy:
         y = check_labels(labels, num_classes)
         x = check_embeddings(embeddings, len(y))
         selection = self.select_by_class(x, y, num_classes, seed)
-        features = self.cross_class_features(x)
+        features = self.cross_class_features(x, self._num_classes)
         if features is not None:
             self.select_across(features, y, selection)
         return selection
@@ -81,7 +81,7 @@ class Policy:
                           f"the {self.name!r} policy keeps them all", stacklevel=2)
         return Selection(keep, scores, info)
 
-    def cross_class_features(self, x: np.ndarray) -> np.ndarray | None:
+    def cross_class_features(self, x: np.ndarray, num_classes: int) -> np.ndarray | None:
         """What a cross-class step (:meth:`select_across`) needs of each embedding row, or None when the policy
         has no such step this round. Small per-row features, so a class-sharded DDP round
         (:func:`~sanitizer.distributed.select_sharded`) can gather them instead of the embeddings."""

@@ -113,12 +113,12 @@ class DensityPolicy(Policy):
             return class_isolation_factored(*factors, self.k)
         return class_isolation(x, self.k, self.backend)
 
-    def cross_class_features(self, x: np.ndarray) -> np.ndarray | None:
+    def cross_class_features(self, x: np.ndarray, num_classes: int) -> np.ndarray | None:
         """The penultimate features of each row (from the last-layer embedding's factors) when the label side
         acts this round; ``[n, 0]`` when it should but the rows are not last-layer gradients."""
         if not self.label_side or self._round < self.label_start_round:
             return None
-        factors = outer_product_factors(x, self._num_classes) if len(x) > 1 else None
+        factors = outer_product_factors(x, num_classes) if len(x) > 1 else None
         return np.zeros((len(x), 0), np.float32) if factors is None else factors[1][:, :-1]
 
     def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection) -> None:
