@@ -47,14 +47,24 @@ def knn_label_shares(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[
     return agree, shares.max(1)
 
 
-def rules(features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The decision rules compared: flagged (bool) per example."""
+def rules(features: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The decision rules compared: flagged (bool) per example. ``probs``: the model's softmax."""
     out = {}
+    rows = np.arange(len(labels))
+    p_label = probs[rows, labels]
+    predicted_other = probs.argmax(1) != labels
     for k in (10, 20):
         agree, other = knn_label_shares(features, labels, k)
         out[f"k={k}: agree<=0.1"] = agree <= 0.1
         out[f"k={k}: agree<=0.1 & other>=0.8"] = (agree <= 0.1) & (other >= 0.8)
         out[f"k={k}: other label is the plurality"] = other > agree
+    low = knn_label_shares(features, labels, 20)[0] <= 1 / 20  # the library's rule (at most 1 of 20 agree)
+    out["k=20: <=1 agree (default)"] = low
+    out["k=20: <=1 agree & model predicts another class"] = low & predicted_other
+    out["k=20: <=1 agree & p(label) < 0.1"] = low & (p_label < 0.1)
+    # confident learning's per-class threshold: the mean p(label) of the examples carrying that label
+    mean_p = np.array([p_label[labels == c].mean() for c in range(probs.shape[1])])
+    out["k=20: <=1 agree & p(label) < its class mean / 2"] = low & (p_label < mean_p[labels] / 2)
     return out
 
 
@@ -71,7 +81,7 @@ def round_printer(seed: int, data, flipped: np.ndarray):
                    "1 - kNN agreement (k=10)": 1 - agree}
         print(f"seed {seed} epoch {epoch}: " + ", ".join(
             f"{name} AUROC {auroc(v[flipped], v[~flipped]):.3f}" for name, v in signals.items()))
-        flagged = {f"isolation z > {th}": selection.scores > th for th in (2.0, 3.0)} | rules(feats, labels)
+        flagged = {f"isolation z > {th}": selection.scores > th for th in (2.0, 3.0)} | rules(feats, labels, probs)
         for name, f in flagged.items():
             print(f"    {name}: recall {f[flipped].mean():.2f} precision {flipped[f].mean() if f.any() else 0:.2f} "
                   f"flags {f.mean():.1%}")
@@ -93,10 +103,17 @@ def digits_study(seeds: list[int]) -> None:
 
 def clean_cost(signals: Path, epochs: list[int]) -> None:
     labels = np.load(signals / "labels.npy")
+    flipped_path = signals / "is_poison.npy"
+    flipped = np.load(flipped_path) if flipped_path.exists() else np.zeros(len(labels), dtype=bool)
     for epoch in epochs:
-        feats = np.load(signals / f"epoch{epoch}.npz")["features"]
-        print(f"{signals.name} epoch {epoch} (clean labels): " + ", ".join(
-            f"{name} flags {f.mean():.2%}" for name, f in rules(feats, labels).items()))
+        saved = np.load(signals / f"epoch{epoch}.npz")
+        logits = torch.from_numpy(saved["logits"])  # eval mode, clean views: what the sanitizer sees
+        probs = torch.softmax(logits.double(), 1).numpy()
+        print(f"{signals.name} epoch {epoch}: {flipped.sum()} marked poisons")
+        for name, f in rules(saved["features"], labels, probs).items():
+            print(f"    {name}: flags {f.mean():.2%}" + (
+                f", recall {f[flipped].mean():.2f} precision {flipped[f].mean() if f.any() else 0:.2f}"
+                if flipped.any() else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -321,7 +321,7 @@ def test_measured_robustness_with_a_bundled_attack(run):
     assert section["proxy"]["train_size"] == 200 and "proxy" in section["label"]
     for result in section["attacks"]:
         assert result["poisons_dropped"]["trials"] == 10
-        for arm in ("undefended", "sanitized"):
+        for arm in ("undefended", "sanitized", "clean"):
             r = result[arm]["attack_success"]
             lo, hi = r["wilson95"]
             assert r["trials"] > 0 and lo <= r["rate"] <= hi
@@ -393,13 +393,17 @@ def test_certify_and_verify_commands_on_a_poisoned_subset(tmp_path, capsys):
     assert err.startswith("sanitizer verify: error: cannot rebuild the dataset") and "--poisons" in err
 
 
-def _measured(name: str, undefended: tuple[int, int], sanitized: tuple[int, int]) -> dict:
+def _measured(name: str, undefended: tuple[int, int], sanitized: tuple[int, int],
+              clean: tuple[int, int] | None = None) -> dict:
     from sanitizer.certificate.robustness import rate
 
-    return {"attack": name, "goal": "backdoor", "runs": 2, "measure": "patched image classified as the target",
-            "undefended": {"attack_success": rate(*undefended), "clean_accuracy": rate(9, 10)},
-            "sanitized": {"attack_success": rate(*sanitized), "clean_accuracy": rate(9, 10)},
-            "poisons_dropped": rate(5, 10)}
+    result = {"attack": name, "goal": "backdoor", "runs": 2, "measure": "patched image classified as the target",
+              "undefended": {"attack_success": rate(*undefended), "clean_accuracy": rate(9, 10)},
+              "sanitized": {"attack_success": rate(*sanitized), "clean_accuracy": rate(9, 10)},
+              "poisons_dropped": rate(5, 10)}
+    if clean is not None:
+        result["clean"] = {"attack_success": rate(*clean), "clean_accuracy": rate(9, 10)}
+    return result
 
 
 def test_the_report_says_plainly_which_attack_the_sanitizer_did_not_stop(run, tmp_path):
@@ -417,6 +421,25 @@ def test_the_report_says_plainly_which_attack_the_sanitizer_did_not_stop(run, tm
     assert "NOT STOPPED by this sanitizer: sleeper_agent" in summary and "stopped" in summary
     html = write_report(cert, tmp_path / "report").read_text()
     assert "Not stopped by this sanitizer:</b> sleeper_agent" in html
+
+
+def test_an_attack_a_clean_model_matches_is_reported_as_without_effect(run, tmp_path):
+    """With a clean arm, an attack whose success with and without the sanitizer is within the clean model's
+    interval (label flips that cost a small CNN nothing) is 'no effect', not 'not stopped'; one the clean
+    model does not explain keeps its verdict."""
+    from sanitizer.certificate.report import not_stopped, robustness_verdict, text_summary, without_effect
+
+    attacks = [_measured("label_flip", (71, 1347), (84, 1347), clean=(70, 1347)),
+               _measured("badnets", (490, 1200), (7, 1200), clean=(6, 1200)),
+               _measured("sleeper_agent", (30, 200), (60, 200), clean=(29, 200))]
+    assert [robustness_verdict(a) for a in attacks] == ["no effect", "stopped", "not stopped"]
+    robustness = {"label": "measured", "proxy": {"runs": 2}, "attacks": attacks}
+    assert without_effect(robustness) == ["label_flip"] and not_stopped(robustness) == ["sleeper_agent"]
+    cert = {**run["cert"], "robustness": robustness}
+    summary = text_summary(cert)
+    assert "NO MEASURABLE EFFECT: label_flip" in summary and "NOT STOPPED by this sanitizer: sleeper_agent" in summary
+    html = write_report(cert, tmp_path / "report").read_text()
+    assert "No measurable effect:</b> label_flip" in html and "success clean model" in html
 
 
 def test_the_report_says_whether_the_label_side_acted_in_each_round(run, tmp_path):

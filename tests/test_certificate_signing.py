@@ -30,6 +30,7 @@ from sanitizer.certificate.audit import seal_certificate
 from sanitizer.certificate.report import write_report
 from sanitizer.certificate.signing import check_signature
 from sanitizer.cli import main
+from sanitizer.stats import wilson_interval
 
 HOSTILE = Path(__file__).parent / "hostile"
 ISSUER = HOSTILE / "issuer.pub.pem"
@@ -222,6 +223,11 @@ def test_unsigned_edits_that_do_not_follow_from_the_data_are_caught_without_a_ke
         sizes = c["partition"]["part_sizes"]
         sizes[0], sizes[1] = sizes[0] + 1, sizes[1] - 1
 
+    def clean_arm(c):  # the corpus certificate predates the clean arm: give it a consistent one, to break
+        attack = c["robustness"]["attacks"][0]
+        attack["clean"] = copy.deepcopy(attack["undefended"])
+        return attack["clean"]
+
     def accuracy(c):
         part, n = c["partition"], c["partition"]["test_size"]
         part["clean_accuracy"] = part["certified_accuracy"][0]["accuracy"] = (round(part["clean_accuracy"] * n) + 1) / n
@@ -234,6 +240,10 @@ def test_unsigned_edits_that_do_not_follow_from_the_data_are_caught_without_a_ke
         (lambda c: c["robustness"]["attacks"][0]["sanitized"]["attack_success"].__setitem__("rate", 0.0),
          "rate or interval"),
         (lambda c: c["robustness"]["attacks"][0].__setitem__("runs", 7), "runs"),
+        (lambda c: clean_arm(c)["attack_success"].__setitem__("rate", 0.0), "rate or interval"),
+        (lambda c: clean_arm(c).__setitem__(
+            "attack_success", {"successes": 0, "trials": 1, "rate": 0.0, "wilson95": list(wilson_interval(0, 1))}),
+         "different trial counts"),
         (part_sizes, "part sizes do not follow from hashing"),
         (accuracy, "does not follow from the predictions, radii and test labels"),
     ]
@@ -377,7 +387,8 @@ def test_certify_signs_and_prints_a_summary_of_every_section(tmp_path, capsys, k
     assert any(line.startswith("bound       max ρ") for line in lines)
     row = next(line for line in lines if line.strip().startswith("label_flip"))
     success = cert["robustness"]["attacks"][0]["sanitized"]["attack_success"]
-    assert f"({success['successes']}/{success['trials']})" in row and row.count("[") == 3
+    # four intervals: undefended, sanitized, the clean model, poisons dropped
+    assert f"({success['successes']}/{success['trials']})" in row and row.count("[") == 4
     assert any(line.startswith("partition   2 part models, mean part accuracy") for line in lines)
     assert any("certified radius: median" in line for line in lines)
     assert len(cert["partition"]["part_accuracies"]) == 2 and len(cert["partition"]["votes"]) == 449

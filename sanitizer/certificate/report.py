@@ -251,14 +251,16 @@ def fig_robustness(section: dict, out_dir: Path):
     plt = _plt()
     attacks = section["attacks"]
     fig, ax = plt.subplots(figsize=(9, 0.6 + 0.9 * len(attacks)))
-    for j, (arm, color) in enumerate((("undefended", "#d62728"), ("sanitized", "#1f77b4"))):
+    arms = (("undefended", "#d62728"), ("sanitized", "#1f77b4"), ("clean", "#7f7f7f"))
+    for j, (arm, color) in enumerate(arms):
         for i, a in enumerate(attacks):
-            r = a[arm]["attack_success"]
-            y = i + (-0.18 if j == 0 else 0.18)
-            if r["rate"] is None:
+            r = (a.get(arm) or {}).get("attack_success")
+            y = i + 0.27 * (j - 1)
+            if r is None or r["rate"] is None:
                 continue
             lo, hi = r["wilson95"]
-            ax.barh(y, r["rate"], height=0.34, color=color, label=arm if i == 0 else None)
+            ax.barh(y, r["rate"], height=0.25, color=color, label=(arm + " model" if arm == "clean" else arm)
+                    if i == 0 else None)
             ax.errorbar(r["rate"], y, xerr=[[r["rate"] - lo], [hi - r["rate"]]], color="black", capsize=3, lw=1)
     ax.set_yticks(range(len(attacks)), [a["attack"] for a in attacks])
     ax.invert_yaxis()
@@ -349,14 +351,23 @@ def _rate(r: dict | None) -> str:
 def robustness_verdict(attack: dict) -> str:
     """Whether the sanitizer stopped one measured attack, from the counts the certificate holds: ``stopped``
     (sanitized success below undefended, Wilson 95 % intervals apart), ``lower`` (below, intervals
-    overlapping: more runs would tell), ``not stopped`` (sanitized success at or above undefended) or
-    ``not measured``."""
+    overlapping: more runs would tell), ``not stopped`` (sanitized success at or above undefended),
+    ``no effect`` (the certificate has a clean arm, and neither the undefended nor the sanitized success is
+    measurably above the clean model's: the attack did nothing this proxy can see) or ``not measured``."""
     und, san = attack["undefended"]["attack_success"], attack["sanitized"]["attack_success"]
     if und["rate"] is None or san["rate"] is None:
         return "not measured"
+    clean = (attack.get("clean") or {}).get("attack_success")
+    if clean and clean["rate"] is not None and max(und["wilson95"][0], san["wilson95"][0]) <= clean["wilson95"][1]:
+        return "no effect"
     if san["rate"] >= und["rate"]:
         return "not stopped"
     return "stopped" if san["wilson95"][1] < und["wilson95"][0] else "lower"
+
+
+def without_effect(robustness: dict | None) -> list[str]:
+    """The measured attacks whose success, undefended and sanitized, was not above the clean model's."""
+    return [a["attack"] for a in (robustness or {}).get("attacks", []) if robustness_verdict(a) == "no effect"]
 
 
 def not_stopped(robustness: dict | None) -> list[str]:
@@ -519,17 +530,24 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
                      f"training examples, {e(epochs)} epochs, {e(px.get('runs'))} run(s) per attack, "
                      f"{e(px.get('test_size'))} test images.</p>")
         rows = [[a["attack"], a["goal"], a["runs"], a["measure"], _rate(a["undefended"]["attack_success"]),
-                 _rate(a["sanitized"]["attack_success"]), robustness_verdict(a),
+                 _rate(a["sanitized"]["attack_success"]), _rate((a.get("clean") or {}).get("attack_success")),
+                 robustness_verdict(a),
                  _rate(a["undefended"]["clean_accuracy"]), _rate(a["sanitized"]["clean_accuracy"]),
                  _rate(a.get("poisons_dropped"))] for a in rob["attacks"]]
         parts.append(_table(["attack", "goal", "runs", "success means", "success undefended",
-                             "success sanitized", "verdict", "clean acc. undefended", "clean acc. sanitized",
-                             "poisons dropped"], rows))
+                             "success sanitized", "success clean model", "verdict", "clean acc. undefended",
+                             "clean acc. sanitized", "poisons dropped"], rows))
         missed = not_stopped(rob)
         parts.append(f"<p class='note'><b>Not stopped by this sanitizer:</b> {e(', '.join(missed))}: its attack "
                      "success with the sanitizer was not lower than without.</p>" if missed else
-                     "<p>Every measured attack had a lower success rate with the sanitizer than without "
-                     "(verdict <i>stopped</i>: the 95 % intervals are apart; <i>lower</i>: they overlap).</p>")
+                     "<p>Every measured attack with an effect had a lower success rate with the sanitizer than "
+                     "without (verdict <i>stopped</i>: the 95 % intervals are apart; <i>lower</i>: they "
+                     "overlap).</p>")
+        quiet = without_effect(rob)
+        if quiet:
+            parts.append(f"<p class='note'><b>No measurable effect:</b> {e(', '.join(quiet))}: with and without "
+                         "the sanitizer its success was within the clean model's interval, so this proxy cannot "
+                         "tell whether the sanitizer stops it (more runs, or a stronger setting, would).</p>")
         parts.append("<p class='muted'>Rates: value (successes/trials; Wilson 95% interval).</p>"
                      + imgs.get("robustness", ""))
 
@@ -593,9 +611,10 @@ def text_summary(cert: dict[str, Any]) -> str:
         runs = rob["proxy"].get("runs")
         lines.append(f"robustness  proxy run, {runs} run(s) per attack: attack success, rate [Wilson 95%] "
                      "(successes/trials)")
-        rows = [["attack", "undefended", "sanitized", "verdict", "poisons dropped"]]
+        rows = [["attack", "undefended", "sanitized", "clean model", "verdict", "poisons dropped"]]
         rows += [[str(a["attack"]), _short_rate(a["undefended"]["attack_success"]),
-                  _short_rate(a["sanitized"]["attack_success"]), robustness_verdict(a),
+                  _short_rate(a["sanitized"]["attack_success"]),
+                  _short_rate((a.get("clean") or {}).get("attack_success")), robustness_verdict(a),
                   _short_rate(a.get("poisons_dropped"))]
                  for a in rob["attacks"]]
         lines += _columns(rows)
@@ -603,6 +622,10 @@ def text_summary(cert: dict[str, Any]) -> str:
         if missed:
             lines.append(f"            NOT STOPPED by this sanitizer: {', '.join(missed)} (success not lower than "
                          "undefended)")
+        quiet = without_effect(rob)
+        if quiet:
+            lines.append(f"            NO MEASURABLE EFFECT: {', '.join(quiet)} (success within the clean model's "
+                         "interval with and without the sanitizer)")
     part = cert.get("partition")
     if part:
         accs = [a for a in part.get("part_accuracies") or [] if a is not None]

@@ -239,7 +239,7 @@ def _robustness(rob: dict[str, Any], _cert: dict[str, Any]) -> list[str]:
     problems, proxy = [], rob["proxy"]
     for attack in rob["attacks"]:
         name = str(attack["attack"])[:40]
-        arms = [attack[arm] for arm in ("undefended", "sanitized")]
+        arms = [attack[arm] for arm in ("undefended", "sanitized", "clean") if arm in attack]
         rates = [arm[k] for arm in arms for k in ("attack_success", "clean_accuracy")]
         for r in rates + [attack.get("poisons_dropped")]:
             if r is None:
@@ -252,8 +252,9 @@ def _robustness(rob: dict[str, Any], _cert: dict[str, Any]) -> list[str]:
                 problems.append(f"robustness of {name}: a rate or interval does not follow from its successes "
                                 "and trials")
                 break
-        if arms[0]["attack_success"]["trials"] != arms[1]["attack_success"]["trials"]:
-            problems.append(f"robustness of {name}: the undefended and sanitized arms have different trial counts")
+        if len({arm["attack_success"]["trials"] for arm in arms}) > 1:
+            problems.append(f"robustness of {name}: the arms (undefended, sanitized, clean) have different trial "
+                            "counts")
         runs, test_size = proxy.get("runs"), proxy.get("test_size")
         if runs is not None and attack["runs"] != runs:
             problems.append(f"robustness of {name}: {attack['runs']} runs, the proxy records {runs}")
