@@ -245,7 +245,7 @@ def _select_across_sharded(policy: Policy, local_rows: torch.Tensor, local_posit
     features = np.zeros((len(labels), width), np.float32)
     for part in _all_gather_uneven(mine):
         features[part[:, 0].numpy().astype(np.int64)] = part[:, 1:].numpy()
-    policy.select_across(features, labels, selection)
+    policy.select_across(features, labels, selection, num_classes)
 
 
 def sharded_round(embed: Callable[[np.ndarray], torch.Tensor], candidates: np.ndarray, labels, policy: Policy,

@@ -62,14 +62,21 @@ def gate_ratio(agreement: np.ndarray) -> float:
     return low / max(middle, 1)
 
 
-def mislabelled(features: np.ndarray, labels: np.ndarray, k: int = 10, gate: float = 1.0,
-                backend: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
+def mislabelled(features: np.ndarray, labels: np.ndarray, k: int = 10, gate: float = 1.0, backend: str = "auto",
+                label_probability: np.ndarray | None = None,
+                max_probability: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(flagged bool [n], agreement [n], info): the examples with at most one agreeing neighbour, flagged
-    only when the gate ratio exceeds ``gate`` (else none)."""
+    only when the gate ratio exceeds ``gate`` (else none). With ``max_probability``, an example is flagged
+    only if the model also gives its label (``label_probability``, [n]) less than that probability."""
     agreeing, k = _agreeing_neighbours(features, labels, k, backend)
     agreement = agreeing / k
     ratio = gate_ratio(agreement)
     flagged = (agreeing <= MAX_AGREEING) & (ratio > gate)
-    return flagged, agreement, {"gate_ratio": round(ratio, 4), "gate": gate, "open": bool(ratio > gate),
-                                "low_agreement": int((agreement <= LOW_AGREEMENT).sum()),
-                                "flagged": int(flagged.sum())}
+    info = {"gate_ratio": round(ratio, 4), "gate": gate, "open": bool(ratio > gate),
+            "low_agreement": int((agreement <= LOW_AGREEMENT).sum())}
+    if max_probability is not None and label_probability is not None:
+        spared = flagged & (np.asarray(label_probability) >= max_probability)
+        info["spared_by_the_model"] = int(spared.sum())
+        flagged &= ~spared
+    info["flagged"] = int(flagged.sum())
+    return flagged, agreement, info

@@ -81,6 +81,8 @@ def test_never_more_than_half_of_a_class_is_dropped_by_the_label_side():
 
 
 @pytest.mark.parametrize("options, message", [({"label_k": 0}, "label_k"), ({"label_gate": -1}, "label_gate"),
+                                              ({"label_max_probability": 1.5}, "label_max_probability"),
+                                              ({"label_max_probability": "0.1"}, "label_max_probability"),
                                               ({"label_start_round": -1}, "label_start_round")])
 def test_bad_label_side_options_are_refused_by_name(options, message):
     from sanitizer.errors import SanitizerError
@@ -104,3 +106,30 @@ def test_the_default_sanitizer_drops_flipped_labels_and_says_why_in_its_history(
     assert "label_side" not in rounds[0]  # the first round leaves labels alone
     assert rounds[1]["label_side"]["open"] and rounds[1]["label_side"]["flagged"] >= 6  # what round 0 left
     assert set(flipped) <= set(sanitizer.dropped.tolist())
+
+
+def test_an_example_the_model_supports_is_spared_when_label_max_probability_is_set():
+    """With ``label_max_probability``, a flagged example is dropped only if the model also gives its label less
+    than that probability: here half of the flips are rewritten so that the model believes their label."""
+    x, labels, flipped = last_layer_rows(separation=4.0, flip_rate=0.1)
+    n, classes = len(labels), 10
+    rows = x.reshape(n, classes, -1)
+    h1 = rows[np.arange(n), 0] / rows[:, 0, -1:]  # the [features; 1] factor of each row
+    believed = np.flatnonzero(flipped)[::2]
+    probs = np.full((len(believed), classes), 0.02)
+    probs[np.arange(len(believed)), labels[believed]] = 0.82
+    error = probs - np.eye(classes)[labels[believed]]
+    rows[believed] = error[:, :, None] * h1[believed, None, :]
+    x = rows.reshape(n, -1)
+    features = outer_product_factors(x, classes)[1][:, :-1]
+    by_neighbours, _, _ = mislabelled(features, labels, k=20)
+    assert by_neighbours[believed].mean() >= 0.9  # the neighbours alone flag nearly all of them
+    plain = second_round_policy().select(x, labels)
+    careful = second_round_policy(label_max_probability=0.5).select(x, labels)
+    no_side = second_round_policy(label_side=False).select(x, labels)
+    assert careful.info["label_side"]["spared_by_the_model"] == by_neighbours[believed].sum()
+    # of the believed flips, the careful policy drops only what the class-by-class side drops anyway
+    assert np.array_equal(careful.keep[believed], no_side.keep[believed])
+    assert (~plain.keep[believed]).sum() > (~careful.keep[believed]).sum()
+    others = np.setdiff1d(np.flatnonzero(flipped), believed)
+    assert np.array_equal(careful.keep[others], plain.keep[others])  # flips the model does not believe: as before

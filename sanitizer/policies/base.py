@@ -57,7 +57,7 @@ class Policy:
         selection = self.select_by_class(x, y, num_classes, seed)
         features = self.cross_class_features(x, self._num_classes)
         if features is not None:
-            self.select_across(features, y, selection)
+            self.select_across(features, y, selection, self._num_classes)
         return selection
 
     def select_by_class(self, x: np.ndarray, y: np.ndarray, num_classes: int | None = None,
@@ -87,7 +87,8 @@ class Policy:
         (:func:`~sanitizer.distributed.select_sharded`) can gather them instead of the embeddings."""
         return None
 
-    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection) -> None:
+    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection,
+                      num_classes: int) -> None:
         """After the class-by-class decision, look across classes and update ``selection`` in place."""
 
     def start_round(self, index: int) -> None:

@@ -74,12 +74,15 @@ class DensityPolicy(Policy):
                  backend: str = "auto", spectral: bool = False, two_sided: bool = False,
                  dense_threshold: float | None = None, dense_rounds: int | None = 1, screen: bool = True,
                  screen_threshold: float = 3.5, label_side: bool = True, label_k: int = 20,
-                 label_gate: float = 1.0, label_start_round: int = 1) -> None:
+                 label_gate: float = 1.0, label_start_round: int = 1,
+                 label_max_probability: float | None = None) -> None:
         k = check_positive_int(k, "k")
         self.label_side = check_flag(label_side, "label_side")
         self.label_k = check_positive_int(label_k, "label_k")
         self.label_gate = check_threshold(label_gate, "label_gate")
         self.label_start_round = check_positive_int(label_start_round, "label_start_round", 0)
+        self.label_max_probability = None if label_max_probability is None else check_fraction(
+            label_max_probability, "label_max_probability")
         self.screen = check_flag(screen, "screen")
         self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
         max_fraction = check_fraction(max_fraction, "max_fraction", zero_ok=True)
@@ -114,21 +117,29 @@ class DensityPolicy(Policy):
         return class_isolation(x, self.k, self.backend)
 
     def cross_class_features(self, x: np.ndarray, num_classes: int) -> np.ndarray | None:
-        """The penultimate features of each row (from the last-layer embedding's factors) when the label side
-        acts this round; ``[n, 0]`` when it should but the rows are not last-layer gradients."""
+        """``[softmax error (num_classes) | penultimate features]`` of each row (from the last-layer embedding's
+        factors) when the label side acts this round; ``[n, 0]`` when it should but the rows are not last-layer
+        gradients."""
         if not self.label_side or self._round < self.label_start_round:
             return None
         factors = outer_product_factors(x, num_classes) if len(x) > 1 else None
-        return np.zeros((len(x), 0), np.float32) if factors is None else factors[1][:, :-1]
+        if factors is None:
+            return np.zeros((len(x), 0), np.float32)
+        error, h1 = factors
+        return np.concatenate([error, h1[:, :-1]], 1)
 
-    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection) -> None:
+    def select_across(self, features: np.ndarray, labels: np.ndarray, selection: Selection,
+                      num_classes: int) -> None:
         """The label side: drop the mislabelled examples (see the class docstring) from ``selection``."""
         if features.shape[1] == 0:
             selection.info["label_side"] = {"open": False, "skipped": "the embedding rows are not last-layer "
                                             "gradients (softmax error ⊗ [features; 1]), so no features"}
             return
         y = np.asarray(labels)
-        flagged, agreement, info = mislabelled(features, y, self.label_k, self.label_gate, self.backend)
+        error, feats = features[:, :num_classes], features[:, num_classes:]
+        p_label = 1.0 + error[np.arange(len(y)), y]  # the model's probability of the given label
+        flagged, agreement, info = mislabelled(feats, y, self.label_k, self.label_gate, self.backend,
+                                               p_label, self.label_max_probability)
         dropped = 0
         for c in np.unique(y[flagged]):
             members = np.flatnonzero(y == c)
