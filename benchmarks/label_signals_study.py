@@ -101,7 +101,18 @@ def digits_study(seeds: list[int]) -> None:
         train_classifier(model, data, exp.config(seed), sanitizer=sanitizer, desc=f"label_flip {seed}")
 
 
-def clean_cost(signals: Path, epochs: list[int]) -> None:
+def cleanlab_rules(features: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The baseline: cleanlab's find_label_issues on 5-fold logistic-regression probabilities of the same
+    features (the harness's ``cleanlab`` defense), and on the model's own (in-sample) softmax."""
+    from cleanlab.filter import find_label_issues
+
+    from sanitizer.policies.cleanlab import CleanlabPolicy
+
+    return {"cleanlab, 5-fold LR on the features": ~CleanlabPolicy().select(features, labels).keep,
+            "cleanlab on the model's softmax (in-sample)": find_label_issues(labels, probs, n_jobs=1)}
+
+
+def clean_cost(signals: Path, epochs: list[int], with_cleanlab: bool = False) -> None:
     labels = np.load(signals / "labels.npy")
     flipped_path = signals / "is_poison.npy"
     flipped = np.load(flipped_path) if flipped_path.exists() else np.zeros(len(labels), dtype=bool)
@@ -110,7 +121,10 @@ def clean_cost(signals: Path, epochs: list[int]) -> None:
         logits = torch.from_numpy(saved["logits"])  # eval mode, clean views: what the sanitizer sees
         probs = torch.softmax(logits.double(), 1).numpy()
         print(f"{signals.name} epoch {epoch}: {flipped.sum()} marked poisons")
-        for name, f in rules(saved["features"], labels, probs).items():
+        flagged = rules(saved["features"], labels, probs)
+        if with_cleanlab:
+            flagged |= cleanlab_rules(saved["features"], labels, probs)
+        for name, f in flagged.items():
             print(f"    {name}: flags {f.mean():.2%}" + (
                 f", recall {f[flipped].mean():.2f} precision {flipped[f].mean() if f.any() else 0:.2f}"
                 if flipped.any() else ""))
@@ -121,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digits", default=None, help="tuning seeds, e.g. 1000-1001")
     parser.add_argument("--signals", type=Path, default=None, help="a --record-signals folder (clean labels)")
     parser.add_argument("--epochs", default="2,5,8", help="epochs of --signals to read")
+    parser.add_argument("--cleanlab", action="store_true", help="also score cleanlab on --signals (minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     if args.digits:
         digits_study(parse_seeds(args.digits))
     if args.signals:
-        clean_cost(args.signals, [int(e) for e in args.epochs.split(",")])
+        clean_cost(args.signals, [int(e) for e in args.epochs.split(",")], args.cleanlab)
 
 
 if __name__ == "__main__":
