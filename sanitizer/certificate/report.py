@@ -254,7 +254,7 @@ def fig_robustness(section: dict, out_dir: Path):
     arms = (("undefended", "#d62728"), ("sanitized", "#1f77b4"), ("clean", "#7f7f7f"))
     for j, (arm, color) in enumerate(arms):
         for i, a in enumerate(attacks):
-            r = (a.get(arm) or {}).get("attack_success")
+            r = _clean_success(a) if arm == "clean" else a[arm]["attack_success"]
             y = i + 0.27 * (j - 1)
             if r is None or r["rate"] is None:
                 continue
@@ -357,12 +357,17 @@ def robustness_verdict(attack: dict) -> str:
     und, san = attack["undefended"]["attack_success"], attack["sanitized"]["attack_success"]
     if und["rate"] is None or san["rate"] is None:
         return "not measured"
-    clean = (attack.get("clean") or {}).get("attack_success")
+    clean = _clean_success(attack)
     if clean and clean["rate"] is not None and max(und["wilson95"][0], san["wilson95"][0]) <= clean["wilson95"][1]:
         return "no effect"
     if san["rate"] >= und["rate"]:
         return "not stopped"
     return "stopped" if san["wilson95"][1] < und["wilson95"][0] else "lower"
+
+
+def _clean_success(attack: dict) -> dict | None:
+    """The clean arm's attack-success rate, or None for certificates written before the clean arm."""
+    return (attack.get("clean") or {}).get("attack_success")
 
 
 def without_effect(robustness: dict | None) -> list[str]:
@@ -530,7 +535,7 @@ def write_report(cert: dict, out_dir: str | Path, *, recorder=None, images: torc
                      f"training examples, {e(epochs)} epochs, {e(px.get('runs'))} run(s) per attack, "
                      f"{e(px.get('test_size'))} test images.</p>")
         rows = [[a["attack"], a["goal"], a["runs"], a["measure"], _rate(a["undefended"]["attack_success"]),
-                 _rate(a["sanitized"]["attack_success"]), _rate((a.get("clean") or {}).get("attack_success")),
+                 _rate(a["sanitized"]["attack_success"]), _rate(_clean_success(a)),
                  robustness_verdict(a),
                  _rate(a["undefended"]["clean_accuracy"]), _rate(a["sanitized"]["clean_accuracy"]),
                  _rate(a.get("poisons_dropped"))] for a in rob["attacks"]]
@@ -614,7 +619,7 @@ def text_summary(cert: dict[str, Any]) -> str:
         rows = [["attack", "undefended", "sanitized", "clean model", "verdict", "poisons dropped"]]
         rows += [[str(a["attack"]), _short_rate(a["undefended"]["attack_success"]),
                   _short_rate(a["sanitized"]["attack_success"]),
-                  _short_rate((a.get("clean") or {}).get("attack_success")), robustness_verdict(a),
+                  _short_rate(_clean_success(a)), robustness_verdict(a),
                   _short_rate(a.get("poisons_dropped"))]
                  for a in rob["attacks"]]
         lines += _columns(rows)
