@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - faiss-cpu is a dependency; this keeps 
     faiss = None
 
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+# Above this many points per class the CPU search is approximate: exact search is O(n²) per class
+EXACT_LIMIT = 30_000
 APPROXIMATE = ("hnsw", "ivf")
 
 
@@ -54,7 +56,7 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = 30_000,
+def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT_LIMIT,
         nprobe: int = 16, seed: int = 0, approximate: str = "hnsw") -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances and indices of the ``k`` nearest *other* points of each row of ``x``.
 

@@ -160,3 +160,24 @@ def test_the_density_policy_takes_the_factored_path_on_explicit_last_layer_rows_
     reference = make_policy("density", backend="faiss").select(explicit, y.numpy(), num_classes=3)
     np.testing.assert_allclose(factored.scores, reference.scores, rtol=1e-3, atol=1e-3)
     assert np.array_equal(factored.keep, reference.keep)
+
+
+def test_classes_above_the_exact_limit_leave_the_quadratic_factored_path(monkeypatch):
+    """The factored kNN is exact and O(n²) per class: a 100k-point class would take minutes. Above
+    EXACT_LIMIT the policy searches the explicit rows (approximately) instead; below it, factored."""
+    import sanitizer.policies.density as density_module
+    from sanitizer import make_policy
+
+    e, h = last_layer_factors(n=400, classes=4)
+    explicit = (e[:, :, None] * h[:, None, :]).reshape(len(e), -1)
+    y = np.arange(400) % 2  # two classes of 200
+    calls = []
+    real = density_module.class_isolation_factored
+    monkeypatch.setattr(density_module, "class_isolation_factored",
+                        lambda *args: calls.append(len(args[0])) or real(*args))
+    below = make_policy("density").select(explicit, y, num_classes=4)
+    assert calls == [200, 200]
+    monkeypatch.setattr(density_module, "EXACT_LIMIT", 199)
+    above = make_policy("density").select(explicit, y, num_classes=4)
+    assert calls == [200, 200], "a class above the limit went through the factored kNN"
+    np.testing.assert_allclose(above.scores, below.scores, rtol=1e-3, atol=1e-3)  # 200 points: still exact

@@ -7,6 +7,7 @@ import numpy as np
 from sanitizer.errors import check_flag, check_fraction, check_positive_int, check_threshold
 from sanitizer.label_agreement import mislabelled
 from sanitizer.neighbors import (
+    EXACT_LIMIT,
     check_backend,
     class_isolation,
     class_isolation_factored,
@@ -108,9 +109,10 @@ class DensityPolicy(Policy):
 
     def _isolation(self, x: np.ndarray) -> np.ndarray:
         # the explicit last-layer embedding is an outer product per row: its exact kNN needs C + d work per
-        # pair instead of C·d (neighbors.knn_factored); the class count comes from Policy.select
+        # pair instead of C·d (neighbors.knn_factored); the class count comes from Policy.select. Exact is
+        # O(n²) per class, so classes above EXACT_LIMIT take the approximate search on the explicit rows.
         factors = None
-        if self.backend == "auto" and len(x) > self.k:
+        if self.backend == "auto" and self.k < len(x) <= EXACT_LIMIT:
             factors = outer_product_factors(x, self._num_classes)
         if factors is not None:
             return class_isolation_factored(*factors, self.k)
