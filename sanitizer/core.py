@@ -36,6 +36,7 @@ from sanitizer.noise_screen import (
 from sanitizer.policies import Policy, available_policies, make_policy
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
+from sanitizer.shared_patterns import WindowCollector
 from sanitizer.stats import mix_seed
 from sanitizer.unlearn import unlearn
 
@@ -503,13 +504,19 @@ class Sanitizer:
         candidates = np.flatnonzero(self.keep)
         t0 = time.perf_counter()
         collate = self.embed_collate if self.screen_dataset is self.embed_dataset else None
-        floor = image_dataset_noise_floor(self.screen_dataset, self.batch_size, collate)
+        windows = WindowCollector() if self.policy.screen_patterns else None
+        floor = image_dataset_noise_floor(self.screen_dataset, self.batch_size, collate, on_images=windows)
         if floor is None:
             if self.verbose and is_main_process():
                 log("[sanitizer] noise screen: the inputs are not float image tensors; not screened (training on "
                     "features of images? pass screen_dataset=<the images, same order> to screen them)")
             return None
         flagged, z, attacked = screen_decision(floor, self.labels, self.policy.screen_threshold)
+        patterns = None
+        if windows is not None:  # stamped triggers (sanitizer.shared_patterns); their score is put just over the cut
+            stamped, patterns = windows.decide(self.labels)
+            flagged |= stamped
+            z = np.where(stamped, np.maximum(z, np.nextafter(self.policy.screen_threshold, np.inf)), z)
         if self._sharded():  # every rank computed the same; take rank 0's mask anyway, as rounds do
             flagged = broadcast_mask(flagged)
         t1 = time.perf_counter()
@@ -524,11 +531,13 @@ class Sanitizer:
         record.update(kind="screen", policy="noise_screen", embedding="input_noise",
                       screen={"threshold": self.policy.screen_threshold, "flagged": int(len(would_drop)),
                               "patch": PATCH, "smallest": SMALLEST, "group_cut": GROUP_CUT,
-                              "classes_cut_lower": attacked})
+                              "classes_cut_lower": attacked, "shared_patterns": patterns})
         self.history.append(record)
         if self.verbose and is_main_process():
             what = "would drop" if self.audit else "dropped"
             group = f"; class(es) {attacked} hold a group of them (cut at z > {GROUP_CUT})" if attacked else ""
+            if patterns and patterns.get("flagged"):
+                group += f"; {patterns['flagged']} of them share a stamped window in their class"
             log(f"[sanitizer] noise screen at epoch {epoch}: {what} {len(would_drop)} images with an abnormal "
                 f"noise floor for their class{group} ({t1 - t0:.1f}s)")
         return record

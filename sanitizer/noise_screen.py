@@ -147,14 +147,19 @@ def attacked_classes(z: np.ndarray, labels: np.ndarray, cut: float, threshold: f
 
 
 def dataset_noise_floor(batches: Callable[[], object], size: int, patch: int = PATCH, smallest: int = SMALLEST,
-                        stride: int = 1) -> np.ndarray | None:
+                        stride: int = 1, on_images: Callable[[torch.Tensor, int], None] | None = None
+                        ) -> np.ndarray | None:
     """The noise floor of every example, reading ``(inputs, labels)`` batches in dataset order from
-    ``batches()``; ``None`` when the inputs are not images (the screen does not apply)."""
-    out = []
+    ``batches()``; ``None`` when the inputs are not images (the screen does not apply). ``on_images(batch,
+    first_index)`` sees every image batch too (the shared-pattern screen hashes the same pass)."""
+    out, seen = [], 0
     for inputs, _ in batches():
         if not is_image_batch(inputs):
             return None
+        if on_images is not None:
+            on_images(inputs, seen)
         out.append(patch_noise_floor(inputs, patch, smallest, stride).numpy())
+        seen += len(out[-1])
     floor = np.concatenate(out) if out else np.zeros(0)
     if len(floor) != size:
         raise SanitizerError(f"the noise screen read {len(floor)} examples but the dataset has {size}")

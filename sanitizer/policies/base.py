@@ -44,6 +44,8 @@ class Policy:
     # starts, with the policy's ``screen_threshold``
     screen: bool = False
     screen_threshold: float = 3.5
+    # True: the screen also drops the images of a class that share an exact stamped window (sanitizer.shared_patterns)
+    screen_patterns: bool = False
     _num_classes: int = 0  # set by select() for select_class implementations that read the embedding's layout
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -27,6 +27,9 @@ class DensityPolicy(Policy):
     class (robust z > ``screen_threshold``) are dropped before the model sees them. That is what
     catches ℓ∞-bounded poisons (gradient matching from scratch), which are *not* isolated in
     gradient space; the rounds then catch what is isolated (mislabelled examples, feature collision).
+    With ``screen_patterns=True`` (the default) the screen also drops the images of a class that share an
+    exact stamped window which the other classes lack (:mod:`sanitizer.shared_patterns`): patch
+    backdoors on colour images, which leave the noise floor alone.
 
     The isolation of an example is the mean distance to its ``k`` nearest same-class neighbours in
     the embedding (faiss); its score is the robust z-score of log(isolation) within the class, so one
@@ -74,8 +77,8 @@ class DensityPolicy(Policy):
     def __init__(self, k: int = 10, threshold: float = 3.0, max_fraction: float = 0.05,
                  backend: str = "auto", spectral: bool = False, two_sided: bool = False,
                  dense_threshold: float | None = None, dense_rounds: int | None = 1, screen: bool = True,
-                 screen_threshold: float = 3.5, label_side: bool = True, label_k: int = 20,
-                 label_gate: float = 1.0, label_start_round: int = 1,
+                 screen_threshold: float = 3.5, screen_patterns: bool = True, label_side: bool = True,
+                 label_k: int = 20, label_gate: float = 1.0, label_start_round: int = 1,
                  label_max_probability: float | None = None) -> None:
         k = check_positive_int(k, "k")
         self.label_side = check_flag(label_side, "label_side")
@@ -86,6 +89,7 @@ class DensityPolicy(Policy):
             label_max_probability, "label_max_probability")
         self.screen = check_flag(screen, "screen")
         self.screen_threshold = check_threshold(screen_threshold, "screen_threshold")
+        self.screen_patterns = check_flag(screen_patterns, "screen_patterns")
         max_fraction = check_fraction(max_fraction, "max_fraction", zero_ok=True)
         threshold = check_threshold(threshold)
         if dense_threshold is not None:

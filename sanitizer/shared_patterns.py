@@ -1,0 +1,158 @@
+"""Stamped triggers: find the images of one class that share an exact local pattern, before training.
+
+A patch backdoor (BadNets, the clean-label patch backdoor) stamps the same small pattern on every
+poison. On natural 8-bit photographs an exact 3×3×C window of pixels with some contrast almost never
+repeats between two different images (full CIFAR-10: no textured window is shared by more than two of
+its 50,000 images; ``benchmarks/RESULTS.md``). So a window that many images of *one* class share,
+and the other classes do not, is a planted pattern: the density of that point in window space is
+abnormal, and the images that carry it are dropped with the input-noise screen. Patch triggers on
+colour images leave the noise floor alone (the checkerboard is the same in the three channels), which
+is why the screen needs this second statistic.
+
+The test per (window, class): ``w`` distinct images of the class contain the window, ``o`` images of
+the other classes do. Under the null the class holds its share of the window's occurrences, so
+``w`` is Poisson with mean ``max(o, 1) · n_c / (N − n_c)`` (at least one occurrence elsewhere: a
+conservative floor). Flagged when ``w ≥ min_group`` and the tail probability is below ``alpha``
+divided by the number of (window, class) pairs tested (Bonferroni).
+
+Where exact windows repeat naturally (tiny or coarsely quantised images such as scikit-learn's 8×8
+digits, where strokes repeat within a class), a shared window is no evidence: when more than
+``max_repeat_rate`` of the textured windows occur in two or more images, the test is not applied and
+the result says so. Not covered: blended triggers (opacity < 1), triggers smaller than the window, and
+poisons JPEG-compressed after stamping (the window is no longer exact).
+
+Example:
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> images = torch.rand(300, 3, 16, 16, generator=g)
+    >>> labels = torch.arange(300) % 3
+    >>> images[:30:3, :, -4:-1, -4:-1] = (torch.arange(3)[:, None] + torch.arange(3)) % 2.0  # 10 stamped, class 0
+    >>> flagged, info = shared_pattern_outliers(*window_keys(images), labels.numpy())
+    >>> int(flagged[:30:3].sum()), int(flagged.sum())
+    (10, 10)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+WINDOW = 3  # pixels per side of the compared windows
+MIN_CONTRAST = 16  # of 255: flatter windows (sky, saturated areas) are skipped
+MIN_GROUP = 5  # a poisoning needs many copies of its trigger
+ALPHA = 1e-3  # family-wise error over the (window, class) pairs tested
+MAX_REPEAT_RATE = 0.01  # above this share of repeated textured windows the test is not applied
+MAX_WINDOWS = 200_000_000  # about 2.4 GB of hashes; larger datasets are not pattern-screened (said in the info)
+
+# Three integer projections (weights < 2**20) of the integer-valued windows: every partial sum is an integer
+# below 2**53, so float64 matmuls give the same value for equal windows in any summation order; two different
+# windows collide with probability about 2**-60
+_PROJECTIONS = torch.from_numpy(np.random.default_rng(20261201).integers(1, 2**20, size=(4096, 3))).double()
+_MIX = torch.tensor([0x9E3779B97F4A7C15 - 2**64, 0xC2B2AE3D27D4EB4F - 2**64, 1], dtype=torch.int64)
+
+
+def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
+                first_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys uint64, image int32)``: a 64-bit hash of every textured ``window``×``window``×C window of
+    every image (pixels quantised to 8 bits; images in [0, 1], values outside are kept, not clipped) and
+    the index of the image it came from (``first_index`` + position in ``images``)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    keys, owners = [], []
+    for start in range(0, len(images), 256):
+        x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
+        windows = F.unfold(x, window).transpose(1, 2)  # [b, L, C·w·w]
+        textured = (windows.amax(2) - windows.amin(2)) >= min_contrast
+        projected = (windows.double() @ _PROJECTIONS[:windows.shape[2]]).to(torch.int64)
+        hashed = (projected * _MIX).sum(2)  # wraps modulo 2**64
+        rows, _ = textured.nonzero(as_tuple=True)
+        keys.append(hashed[textured].numpy().view(np.uint64))
+        owners.append((rows + first_index + start).to(torch.int32).numpy())
+    if not keys:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
+    return np.concatenate(keys), np.concatenate(owners)
+
+
+def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndarray, min_group: int = MIN_GROUP,
+                            alpha: float = ALPHA, max_repeat_rate: float = MAX_REPEAT_RATE
+                            ) -> tuple[np.ndarray, dict]:
+    """(flagged bool [N], info) from :func:`window_keys`'s output: the images that carry a window
+    over-represented in their class (see the module docstring). ``info`` holds the repeat rate, whether
+    the test applied, and the flagged groups."""
+    from scipy.stats import poisson
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    flagged = np.zeros(n, dtype=bool)
+    if len(keys) == 0:
+        return flagged, {"applied": False, "reason": "no textured windows", "groups": []}
+    ordered = np.sort(keys)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    per_key = np.diff(np.r_[starts, len(ordered)])  # occurrences (an image may hold a window twice)
+    repeat_rate = float((per_key >= 2).mean())
+    info = {"repeat_rate": repeat_rate, "windows": int(len(starts)), "groups": []}
+    if repeat_rate > max_repeat_rate:
+        return flagged, {**info, "applied": False,
+                         "reason": f"{repeat_rate:.1%} of the textured windows repeat between images (above "
+                                   f"{max_repeat_rate:.0%}): shared windows are no evidence on these images"}
+    heavy = ordered[starts[per_key >= min_group]]
+    chosen = heavy[np.minimum(np.searchsorted(heavy, keys), len(heavy) - 1)] == keys if len(heavy) else keys < 0
+    pairs = np.unique(np.stack([keys[chosen], image[chosen].astype(np.uint64)], 1), axis=0)  # distinct images
+    sizes = np.bincount(labels, minlength=int(labels.max()) + 1)
+    candidates = []
+    bounds = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0], True])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        members = pairs[s:e, 1].astype(np.int64)
+        counts = np.bincount(labels[members], minlength=len(sizes))
+        for c in np.flatnonzero(counts >= min_group):
+            expected = max(len(members) - counts[c], 1) * sizes[c] / max(n - sizes[c], 1)
+            candidates.append((poisson.sf(counts[c] - 1, expected), int(c), members[labels[members] == c]))
+    for p, c, members in candidates:
+        if p < alpha / len(candidates):
+            flagged[members] = True
+            info["groups"].append({"class": c, "images": int(len(members)), "p": float(p)})
+    info["applied"] = True
+    info["groups"] = sorted(info["groups"], key=lambda g: -g["images"])[:20]
+    return flagged, info
+
+
+class WindowCollector:
+    """Hashes the windows of image batches as a pass reads them (``collector(batch, first_index)``), then
+    decides (``collector.decide(labels)``). Stops hashing, and says so, past ``max_windows`` windows.
+
+    Example:
+        >>> import torch
+        >>> collector = WindowCollector()
+        >>> collector(torch.rand(20, 3, 8, 8), 0)
+        >>> flagged, info = collector.decide(torch.arange(20).numpy() % 2)
+        >>> int(flagged.sum()), info["applied"]
+        (0, True)
+    """
+
+    def __init__(self, max_windows: int = MAX_WINDOWS) -> None:
+        self.max_windows = max_windows
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+        self.overflow = False
+
+    def __call__(self, images: torch.Tensor, first_index: int) -> None:
+        if self.overflow:
+            return
+        part = window_keys(images, first_index=first_index)
+        self.count += len(part[0])
+        if self.count > self.max_windows:
+            self.overflow, self.parts = True, []
+            return
+        self.parts.append(part)
+
+    def decide(self, labels: np.ndarray) -> tuple[np.ndarray, dict]:
+        if self.overflow:
+            return np.zeros(len(labels), dtype=bool), {
+                "applied": False, "groups": [],
+                "reason": f"more than {self.max_windows:,} textured windows: too large to hash in memory"}
+        keys = np.concatenate([k for k, _ in self.parts]) if self.parts else np.zeros(0, np.uint64)
+        owners = np.concatenate([o for _, o in self.parts]) if self.parts else np.zeros(0, np.int32)
+        self.parts = []
+        flagged, info = shared_pattern_outliers(keys, owners, labels)
+        return flagged, {**info, "flagged": int(flagged.sum())}
