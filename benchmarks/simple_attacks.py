@@ -1,4 +1,5 @@
-"""Simple attacks on digits from scratch: does each defense catch random label flips and patch backdoors?
+"""Simple attacks from scratch (digits, or CIFAR-10 with ``--data cifar10``): does each defense catch random
+label flips and patch backdoors?
 
 Issue 15: on digits the library default caught 36 % of 10 % random label flips and 1 of 39 BadNets
 poisons. This script measures, per (attack, defense, seed), one victim trained from scratch with the
@@ -35,7 +36,7 @@ from benchmarks.poisoning import parse_defense
 from sanitizer import Sanitizer
 from sanitizer.attacks import make_attack
 from sanitizer.attacks.triggers import evaluate_backdoor
-from sanitizer.data import ImageTensorDataset, load_digits_split, subset_by_class
+from sanitizer.data import ImageTensorDataset, load_cifar10, load_digits_split, subset_by_class
 from sanitizer.models import make_model
 from sanitizer.progress import log
 from sanitizer.stats import format_rate, wilson_interval
@@ -123,8 +124,13 @@ def git_state() -> dict[str, Any]:
 class Experiment:
     """Data, recipe and the clean reference model of every seed (trained once, cached on disk)."""
 
-    def __init__(self, epochs: int, width: int, lr: float, per_class: int | None, cache_dir: Path) -> None:
-        train, self.test = load_digits_split()
+    def __init__(self, epochs: int, width: int, lr: float, per_class: int | None, cache_dir: Path,
+                 data: str = "digits", data_root: str = "../shared/data/cifar10") -> None:
+        if data == "cifar10":
+            train, self.test = load_cifar10(data_root), load_cifar10(data_root, train=False)
+        else:
+            train, self.test = load_digits_split()
+        self.data = data
         if per_class is not None:
             idx = torch.from_numpy(subset_by_class(train, per_class, 0))
             train = ImageTensorDataset(train.images[idx], train.labels[idx], None, train.num_classes)
@@ -142,7 +148,7 @@ class Experiment:
     def clean_model(self, seed: int) -> torch.nn.Module:
         """The model trained on the clean training set with the victims' seed and recipe."""
         if seed not in self._clean:
-            tag = f"digits_n{len(self.train)}_w{self.width}_e{self.epochs}_lr{self.lr}_s{seed}"
+            tag = f"{self.data}_n{len(self.train)}_w{self.width}_e{self.epochs}_lr{self.lr}_s{seed}"
             path = self.cache_dir / f"clean_{tag}.pt"
             model = self.new_model(seed)
             if path.exists():
@@ -233,16 +239,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def run(out: Path, attacks: list[str], defenses: list[str], seeds: list[int], epochs: int = 12, width: int = 16,
         lr: float = 0.05, per_class: int | None = None, cache_dir: Path = Path("benchmarks/out/simple_attacks"),
-        on_row: Callable[[dict], None] | None = None) -> Path:
+        on_row: Callable[[dict], None] | None = None, data: str = "digits",
+        data_root: str = "../shared/data/cifar10") -> Path:
     """Run (or resume) every (attack, defense, seed) victim not yet in ``out``."""
-    recipe = {"data": "digits", "model": "cnn", "epochs": epochs, "width": width, "lr": lr, "per_class": per_class,
+    recipe = {"data": data, "model": "cnn", "epochs": epochs, "width": width, "lr": lr, "per_class": per_class,
               "seed_kind": seed_kind(seeds)}
     rows = read_rows(out)
     head = next((r for r in rows if r.get("kind") == "run"), None)
     if head is not None and head["recipe"] != recipe:
         raise SystemExit(f"{out} was written with {head['recipe']}, not {recipe}; write to another --out file")
     done = {(r["attack"], r["defense"], r["seed"]) for r in rows if r.get("kind") == "victim"}
-    exp = Experiment(epochs, width, lr, per_class, cache_dir)
+    exp = Experiment(epochs, width, lr, per_class, cache_dir, data, data_root)
     state = git_state()
     out.parent.mkdir(parents=True, exist_ok=True)
     torn = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
@@ -324,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma separated, from {', '.join(DEFENSES)}")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSONL (default benchmarks/results/simple_attacks_{tuning,reported}.jsonl)")
+    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits",
+                        help="cifar10: colour images (with --data-root; --per-class for a subset)")
+    parser.add_argument("--data-root", default="../shared/data/cifar10")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--width", type=int, default=16, help="CompactCNN width")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         defense_options(d)
     seeds = parse_seeds(args.seeds)
     out = args.out or RESULTS / f"simple_attacks_{seed_kind(seeds)}.jsonl"
-    run(out, attacks, defenses, seeds, args.epochs, args.width, args.lr, args.per_class, args.cache_dir)
+    run(out, attacks, defenses, seeds, args.epochs, args.width, args.lr, args.per_class, args.cache_dir,
+        data=args.data, data_root=args.data_root)
     print(summary([out]))
 
 

@@ -45,11 +45,15 @@ ALPHA = 1e-3  # family-wise error over the (window, class) pairs tested
 MAX_REPEAT_RATE = 0.01  # above this share of repeated textured windows the test is not applied
 MAX_WINDOWS = 200_000_000  # about 2.4 GB of hashes; larger datasets are not pattern-screened (said in the info)
 
-# Three integer projections (weights < 2**20) of the integer-valued windows: every partial sum is an integer
-# below 2**53, so float64 matmuls give the same value for equal windows in any summation order; two different
-# windows collide with probability about 2**-60
-_PROJECTIONS = torch.from_numpy(np.random.default_rng(20261201).integers(1, 2**20, size=(4096, 3))).double()
-_MIX = torch.tensor([0x9E3779B97F4A7C15 - 2**64, 0xC2B2AE3D27D4EB4F - 2**64, 1], dtype=torch.int64)
+# Integer projections of the integer-valued windows. With 8-bit pixels and weights below 2**11 every partial
+# sum is an integer below 2**24, so float32 matmuls give the same value for equal windows in any summation
+# order; six of them make two different windows collide with probability about 2**-66. Pixels outside
+# [0, 255] (normalised images) take float64 and weights below 2**20 instead.
+_RNG = np.random.default_rng(20261201)
+_SMALL = torch.from_numpy(_RNG.integers(1, 2**11, size=(4096, 6))).float()
+_LARGE = torch.from_numpy(_RNG.integers(1, 2**20, size=(4096, 3))).double()
+_MIX = torch.from_numpy(_RNG.integers(1, 2**62, size=6) | 1)
+_BUCKETS = 22  # bits of the hash used to pre-select the windows that may belong to a repeated one
 
 
 def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
@@ -64,8 +68,9 @@ def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = 
         x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
         windows = F.unfold(x, window).transpose(1, 2)  # [b, L, C·w·w]
         textured = (windows.amax(2) - windows.amin(2)) >= min_contrast
-        projected = (windows.double() @ _PROJECTIONS[:windows.shape[2]]).to(torch.int64)
-        hashed = (projected * _MIX).sum(2)  # wraps modulo 2**64
+        weights = _SMALL if x.abs().max() <= 255 else _LARGE
+        projected = (windows.to(weights.dtype) @ weights[:windows.shape[2]]).to(torch.int64)
+        hashed = (projected * _MIX[:projected.shape[2]]).sum(2)  # wraps modulo 2**64
         rows, _ = textured.nonzero(as_tuple=True)
         keys.append(hashed[textured].numpy().view(np.uint64))
         owners.append((rows + first_index + start).to(torch.int32).numpy())
@@ -96,24 +101,32 @@ def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndar
         return flagged, {**info, "applied": False,
                          "reason": f"{repeat_rate:.1%} of the textured windows repeat between images (above "
                                    f"{max_repeat_rate:.0%}): shared windows are no evidence on these images"}
-    heavy = ordered[starts[per_key >= min_group]]
-    chosen = heavy[np.minimum(np.searchsorted(heavy, keys), len(heavy) - 1)] == keys if len(heavy) else keys < 0
-    pairs = np.unique(np.stack([keys[chosen], image[chosen].astype(np.uint64)], 1), axis=0)  # distinct images
-    sizes = np.bincount(labels, minlength=int(labels.max()) + 1)
-    candidates = []
-    bounds = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0], True])
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        members = pairs[s:e, 1].astype(np.int64)
-        counts = np.bincount(labels[members], minlength=len(sizes))
-        for c in np.flatnonzero(counts >= min_group):
-            expected = max(len(members) - counts[c], 1) * sizes[c] / max(n - sizes[c], 1)
-            candidates.append((poisson.sf(counts[c] - 1, expected), int(c), members[labels[members] == c]))
-    for p, c, members in candidates:
-        if p < alpha / len(candidates):
-            flagged[members] = True
-            info["groups"].append({"class": c, "images": int(len(members)), "p": float(p)})
     info["applied"] = True
-    info["groups"] = sorted(info["groups"], key=lambda g: -g["images"])[:20]
+    heavy = ordered[starts[per_key >= min_group]]
+    if len(heavy) == 0:
+        return flagged, info
+    # the windows that hold a repeated key: a bucket table first (cheap), then an exact lookup
+    mask = np.uint64((1 << _BUCKETS) - 1)
+    table = np.zeros(1 << _BUCKETS, dtype=bool)
+    table[(heavy & mask).astype(np.int64)] = True
+    hit = np.flatnonzero(table[(keys & mask).astype(np.int64)])
+    where = np.minimum(np.searchsorted(heavy, keys[hit]), len(heavy) - 1)
+    exact = heavy[where] == keys[hit]
+    pairs = np.unique(where[exact].astype(np.int64) * n + image[hit[exact]])  # distinct (key, image)
+    key_id, member = pairs // n, pairs % n
+    classes = int(labels.max()) + 1
+    sizes = np.bincount(labels, minlength=classes)
+    total = np.bincount(key_id, minlength=len(heavy))  # distinct images per key
+    cell, count = np.unique(key_id * classes + labels[member], return_counts=True)  # per (key, class)
+    cell_key, cell_class = cell // classes, cell % classes
+    tested = count >= min_group
+    expected = np.maximum(total[cell_key] - count, 1) * sizes[cell_class] / np.maximum(n - sizes[cell_class], 1)
+    p = poisson.sf(count - 1, expected)
+    significant = tested & (p < alpha / max(int(tested.sum()), 1))
+    flagged[member[np.isin(key_id * classes + labels[member], cell[significant])]] = True
+    groups = [{"class": int(c), "images": int(m), "p": float(q)}
+              for c, m, q in zip(cell_class[significant], count[significant], p[significant])]
+    info["groups"] = sorted(groups, key=lambda g: -g["images"])[:20]
     return flagged, info
 
 
