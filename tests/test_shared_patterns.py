@@ -76,3 +76,15 @@ def test_the_default_screen_drops_a_patch_backdoor_and_screen_patterns_false_kee
     off.start_epoch(0)
     assert not set(planted) & set(off.dropped.tolist())
     assert off.history[0]["screen"]["shared_patterns"] is None
+
+
+def test_the_certificate_summary_says_how_many_shared_a_stamped_window():
+    from sanitizer.certificate.report import text_summary
+
+    images, labels, planted = stamped_dataset()
+    san = Sanitizer(CompactCNN(3, 4, 4), ImageTensorDataset(images, labels, None, 4), warmup=3, epochs=6,
+                    verbose=False)
+    san.start_epoch(0)
+    cert = san.certificate(poison_indices=planted)
+    assert cert["audit"]["rounds"][0]["screen"]["shared_patterns"]["groups"][0]["images"] == len(planted)
+    assert f"({len(planted)} of them share a stamped window in their class)" in text_summary(cert)

@@ -604,6 +604,9 @@ def text_summary(cert: dict[str, Any]) -> str:
            f"({len(dropped) / size:.1%})"
     if screens:
         line += f"; {len(screens[0]['dropped_now'])} by the noise screen"
+        stamped = ((screens[0].get("screen") or {}).get("shared_patterns") or {}).get("flagged")
+        if stamped:
+            line += f" ({stamped} of them share a stamped window in their class)"
     if poisons:
         line += f"; known poisons: {len(poisons & set(dropped))} of {len(poisons)} dropped"
     lines.append(line)
