@@ -62,7 +62,8 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
 
     Returns ``(dist [n, k], idx [n, k])`` sorted by distance. Requires ``k < n``. Above
     ``ivf_threshold`` points the CPU faiss path is approximate: ``approximate="hnsw"`` (default;
-    recall@10 ≥ 0.98 on gradient-like data, ``benchmarks/scale.py``) or ``"ivf"`` (``nprobe`` lists).
+    recall@10 ≥ 0.98 on gradient-like data, ``benchmarks/scale.py``; rows of high intrinsic dimension, which
+    no graph searches reliably, are searched exactly instead) or ``"ivf"`` (``nprobe`` lists).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
@@ -75,7 +76,11 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
         d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
         return np.sqrt(d2.numpy()), idx.numpy()
     if backend == "faiss" and n > ivf_threshold and approximate == "hnsw":
-        d2, idx = _knn_hnsw(x, k + 1, seed)
+        found = _knn_hnsw(x, k + 1, seed)
+        if found is None:  # no graph finds neighbours reliably here: search exactly (O(n²), but right)
+            d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
+            return np.sqrt(d2.numpy()), idx.numpy()
+        d2, idx = found
     else:
         d2, idx = _knn_faiss(x, k + 1, backend == "faiss-gpu", ivf_threshold, nprobe, seed)
     return _drop_self(d2, idx, k)
@@ -148,9 +153,14 @@ def pca_projection(x: np.ndarray, energy: float = PCA_ENERGY, sample: int = 20_0
 def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     """Approximate ``k`` nearest neighbours (self included) from a faiss HNSW graph. The graph is
     built on a PCA projection when one keeps :data:`PCA_ENERGY` of the variance in at most half the
-    dimensions; then ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the full space."""
+    dimensions; then ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the full space.
+    Returns None for rows of 64 or more dimensions that no such projection summarises: at that intrinsic
+    dimension a graph's recall collapses (0.36 at 100k × 256, and 0.80 with a graph as slow as exact search;
+    ``benchmarks/results/scale.md``), so the caller searches exactly."""
     n, dim = x.shape
     projection = pca_projection(x, seed=seed) if dim >= 64 else None
+    if projection is None and dim >= 64:
+        return None
     if projection is None:
         space, wanted = x, k
     else:

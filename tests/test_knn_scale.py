@@ -181,3 +181,12 @@ def test_classes_above_the_exact_limit_leave_the_quadratic_factored_path(monkeyp
     above = make_policy("density").select(explicit, y, num_classes=4)
     assert calls == [200, 200], "a class above the limit went through the factored kNN"
     np.testing.assert_allclose(above.scores, below.scores, rtol=1e-3, atol=1e-3)  # 200 points: still exact
+
+
+def test_rows_of_high_intrinsic_dimension_are_searched_exactly_above_the_threshold():
+    """An HNSW graph on 64+ isotropic dimensions misses most true neighbours; the search must not."""
+    x = np.random.default_rng(2).normal(size=(1500, 64)).astype(np.float32)
+    exact, exact_idx = knn(x, 10, backend="torch")
+    found, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
+    np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_idx)]) > 0.99
