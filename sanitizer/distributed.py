@@ -221,6 +221,7 @@ def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labe
               "class_owner": owners}
     merged["per_class"] = dict(sorted(merged["per_class"].items()))
     selection = Selection(full_keep, full_scores, merged)
+    policy.gate_classes(selection, labels)
     num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
     _select_across_sharded(policy, local_rows, local_positions, labels, num_classes, selection)
     return selection

@@ -229,3 +229,19 @@ def test_a_policy_spec_carries_its_options():
         make_policy("density:k")
     with pytest.raises(SanitizerError, match="bad options"):
         make_policy("density:nosuch=1")
+
+
+def test_the_isolation_gate_keeps_a_class_with_a_group_of_isolated_points_and_withdraws_natural_tails():
+    rng = np.random.default_rng(3)
+    y = np.arange(4000) % 8
+    x = rng.standard_t(df=4, size=(4000, 6)).astype(np.float32)  # heavy tails: every class has isolated points
+    planted = np.flatnonzero(y == 2)[:40]
+    x[planted] += rng.normal(0, 12, size=(40, 6)).astype(np.float32)  # 8 % of class 2, each far from the rest
+    plain = make_policy("density").select(x, y, num_classes=8)
+    gated = make_policy("density", isolation_gate=True).select(x, y, num_classes=8)
+    assert gated.info["isolation_gate"]["open_classes"] == [2]
+    dropped_plain, dropped_gated = set(np.flatnonzero(~plain.keep)), set(np.flatnonzero(~gated.keep))
+    assert dropped_gated == {i for i in dropped_plain if y[i] == 2}
+    assert len(dropped_plain - dropped_gated) == gated.info["isolation_gate"]["withdrawn"] > 0
+    assert len(dropped_gated & set(planted)) >= 0.9 * min(len(planted), math.floor(0.05 * 500))
+    np.testing.assert_array_equal(gated.scores, plain.scores)

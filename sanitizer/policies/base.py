@@ -57,6 +57,7 @@ class Policy:
         y = check_labels(labels, num_classes)
         x = check_embeddings(embeddings, len(y))
         selection = self.select_by_class(x, y, num_classes, seed)
+        self.gate_classes(selection, y)
         features = self.cross_class_features(x, self._num_classes)
         if features is not None:
             self.select_across(features, y, selection, self._num_classes)
@@ -82,6 +83,10 @@ class Policy:
             warnings.warn(f"classes {info['skipped_classes']} have fewer than {self.min_class_size} examples; "
                           f"the {self.name!r} policy keeps them all", stacklevel=2)
         return Selection(keep, scores, info)
+
+    def gate_classes(self, selection: Selection, labels: np.ndarray) -> None:
+        """After the class-by-class decision, with every class's scores in view: policies may withdraw a
+        class's drops here (in place). Runs on the gathered selection in class-sharded rounds too."""
 
     def cross_class_features(self, x: np.ndarray, num_classes: int) -> np.ndarray | None:
         """What a cross-class step (:meth:`select_across`) needs of each embedding row, or None when the policy

@@ -557,6 +557,7 @@ def _policy_cases() -> None:
         ("density", {"label_gate": -1}), ("density", {"label_start_round": -1}),
         ("density", {"label_side": "false"}), ("density", {"two_sided": "no"}), ("density", {"spectral": 1}),
         ("density", {"screen_patterns": "yes"}), ("density", {"screen_patterns": 0}),
+        ("density", {"isolation_gate": "on"}),
         ("deep_knn", {"k": 0}), ("deep_knn", {"k": 2.5}), ("deep_knn", {"k": "5"}), ("deep_knn", {"k": True}),
         ("deep_knn", {"budget": 2.5}), ("deep_knn", {"budget": 0}), ("deep_knn", {"backend": "gpu"}),
         ("spectral", {"budget": 2.5}), ("spectral", {"budget": float("nan")}), ("spectral", {"budget": "a"}),
