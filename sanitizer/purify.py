@@ -64,6 +64,7 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
     import torch.nn.functional as F
 
     from sanitizer.embeddings import model_device
+    from sanitizer.progress import progress
 
     device = model_device(model)
     was_training = model.training
@@ -74,7 +75,7 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for start in range(0, len(images), batch_size):
+        for start in progress(range(0, len(images), batch_size), desc="friendly noise", unit="batch"):
             x = images[start:start + batch_size].to(device)
             with torch.no_grad():
                 reference = F.log_softmax(model(x), 1)
