@@ -48,7 +48,7 @@ MAX_WINDOWS = 200_000_000  # about 2.4 GB of hashes; larger datasets are not pat
 # Integer projections of the integer-valued windows. With 8-bit pixels and weights below 2**11 every partial
 # sum is an integer below 2**24, so float32 matmuls give the same value for equal windows in any summation
 # order; six of them make two different windows collide with probability about 2**-66. Pixels outside
-# [0, 255] (normalised images) take float64 and weights below 2**20 instead.
+# [0, 255] (normalised images) or windows of more than 32 values take float64 and weights below 2**20 instead.
 _RNG = np.random.default_rng(20261201)
 _SMALL = torch.from_numpy(_RNG.integers(1, 2**11, size=(4096, 6))).float()
 _LARGE = torch.from_numpy(_RNG.integers(1, 2**20, size=(4096, 3))).double()
@@ -68,7 +68,8 @@ def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = 
         x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
         windows = F.unfold(x, window).transpose(1, 2)  # [b, L, C·w·w]
         textured = (windows.amax(2) - windows.amin(2)) >= min_contrast
-        weights = _SMALL if x.abs().max() <= 255 else _LARGE
+        exact_in_float32 = x.abs().max() <= 255 and windows.shape[2] * 255 * 2**11 < 2**24  # up to 32 values
+        weights = _SMALL if exact_in_float32 else _LARGE
         projected = (windows.to(weights.dtype) @ weights[:windows.shape[2]]).to(torch.int64)
         hashed = (projected * _MIX[:projected.shape[2]]).sum(2)  # wraps modulo 2**64
         rows, _ = textured.nonzero(as_tuple=True)

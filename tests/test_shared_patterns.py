@@ -88,3 +88,14 @@ def test_the_certificate_summary_says_how_many_shared_a_stamped_window():
     cert = san.certificate(poison_indices=planted)
     assert cert["audit"]["rounds"][0]["screen"]["shared_patterns"]["groups"][0]["images"] == len(planted)
     assert f"({len(planted)} of them share a stamped window in their class)" in text_summary(cert)
+
+
+def test_wide_windows_and_normalised_pixels_hash_exactly():
+    """Four channels (36 values a window) and mean/std-normalised pixels take the float64 projections."""
+    images, labels, planted = stamped_dataset()
+    four = torch.cat([images, images[:, :1]], 1)
+    flagged, _ = shared_pattern_outliers(*window_keys(four), labels.numpy())
+    assert set(np.flatnonzero(flagged)) == set(planted)
+    normalised = (images - 0.5) / 0.2
+    flagged, _ = shared_pattern_outliers(*window_keys(normalised), labels.numpy())
+    assert set(np.flatnonzero(flagged)) == set(planted)
