@@ -72,14 +72,14 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
     if approximate not in APPROXIMATE:
         raise ValueError(f"unknown approximate index {approximate!r}; choose one of {APPROXIMATE}")
     requested, backend = backend, resolve_backend(backend)
-    if backend == "torch" or (requested == "auto" and backend == "faiss" and n <= ivf_threshold):
+    graph = backend == "faiss" and n > ivf_threshold and approximate == "hnsw"
+    found = _knn_hnsw(x, k + 1, seed) if graph else None
+    # exact: the torch kernel, small classes, or rows no graph searches reliably (O(n²), but right)
+    if backend == "torch" or (requested == "auto" and backend == "faiss" and n <= ivf_threshold) or \
+            (graph and found is None):
         d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
         return np.sqrt(d2.numpy()), idx.numpy()
-    if backend == "faiss" and n > ivf_threshold and approximate == "hnsw":
-        found = _knn_hnsw(x, k + 1, seed)
-        if found is None:  # no graph finds neighbours reliably here: search exactly (O(n²), but right)
-            d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
-            return np.sqrt(d2.numpy()), idx.numpy()
+    if graph:
         d2, idx = found
     else:
         d2, idx = _knn_faiss(x, k + 1, backend == "faiss-gpu", ivf_threshold, nprobe, seed)
