@@ -16,11 +16,15 @@ from sanitizer.config import FIELDS as CONFIG_FIELDS
 from sanitizer.config import SanitizerConfig, default_schedule
 from sanitizer.distributed import (
     broadcast_mask,
+    decides_by_class,
     gather_embeddings,
     gather_rows_by_position,
     is_distributed,
     is_main_process,
+    rank,
+    select_sharded,
     unwrap_model,
+    world_size,
 )
 from sanitizer.embeddings import check_embedding_name, embed_outputs, gradient_embeddings, last_linear_of
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
@@ -451,11 +455,20 @@ class Sanitizer:
         self._check_size()
         candidates = np.flatnonzero(self.keep) if self.cumulative else np.arange(self.size)
         t0 = time.perf_counter()
-        emb = self._embed(candidates)
+        class_sharded = self._class_sharded()
+        if class_sharded:  # each rank embeds its shard and owns some classes' kNN; no rank holds all rows
+            positions = np.arange(len(candidates))[rank()::world_size()]
+            emb = self._embed_rows(candidates[positions]) if len(positions) else torch.zeros(0, 0)
+        else:
+            emb = self._embed(candidates)
         t1 = time.perf_counter()
         self.policy.start_round(len(gradient_rounds(self.history)))
-        selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
-                                       seed=self._round_seed(epoch))
+        if class_sharded:  # every rank gathers the same keep flags and scores
+            selection = select_sharded(self.policy, emb, positions, self.labels[candidates],
+                                       num_classes=self.num_classes, seed=self._round_seed(epoch))
+        else:
+            selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
+                                           seed=self._round_seed(epoch))
         if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
             selection.keep = broadcast_mask(selection.keep)
         t2 = time.perf_counter()
@@ -475,6 +488,8 @@ class Sanitizer:
         record = self._record(epoch, candidates, dropped_now, selection.scores, t1 - t0, t2 - t1)
         if self.harvester is not None:
             record["harvest"] = self._harvest_counts
+        if self._sharded():
+            record["class_sharded"] = class_sharded
         if audit is not None:
             record["audit"] = audit
         if "label_side" in selection.info:  # why the density policy's label side did or did not act
@@ -654,6 +669,15 @@ class Sanitizer:
         """Distributed rounds: on under torch.distributed unless a ``gather`` hook is given (pass
         ``gather=lambda e: e`` for independent per-process sanitizers in one process group)."""
         return self.gather is None and is_distributed()
+
+    def _class_sharded(self) -> bool:
+        """Distributed rounds shard the classes over the ranks (:func:`~sanitizer.distributed.select_sharded`)
+        when the policy decides class by class and nothing in the round needs every row on every rank: not
+        audit mode, ``keep_embeddings`` or round hooks (they read the full matrix), and not harvested rows
+        (each rank harvested the examples it trained on, which are not the interleaved shard)."""
+        harvested = self.harvester is not None and self.embedding in HARVESTABLE
+        return (self._sharded() and decides_by_class(self.policy) and not harvested and not self.audit
+                and not self.keep_embeddings and not self.round_hooks)
 
     def _embed(self, candidates: np.ndarray, embedding_name: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, embedding_name)) if embedding_name else self._embed_rows

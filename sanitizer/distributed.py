@@ -140,7 +140,8 @@ def class_owners(labels: np.ndarray, world: int) -> dict[int, int]:
     return owners
 
 
-def _is_per_class(policy: Policy) -> bool:
+def decides_by_class(policy: Policy) -> bool:
+    """Whether the policy decides class by class (keeps :meth:`Policy.select`), so its classes can be sharded."""
     return type(policy).select is Policy.select
 
 
@@ -186,7 +187,7 @@ def select_sharded(policy: Policy, local_rows, local_positions: np.ndarray, labe
     Only for policies that decide class by class (they implement ``select_class`` and keep
     :meth:`Policy.select`, like ``density``); others raise :class:`SanitizerError`.
     """
-    if not _is_per_class(policy):
+    if not decides_by_class(policy):
         raise SanitizerError(f"policy {policy.name or type(policy).__name__!r} does not decide class by class "
                              "(it overrides select); gather the embeddings on every rank instead "
                              "(gather_embeddings + broadcast_mask)")

@@ -56,7 +56,8 @@ def _train(rank: int, world: int, out_dir: str | None) -> dict:
             else sanitizer._embed_rows(candidates))
     result = {"keep": torch.from_numpy(sanitizer.keep.copy()), "batches": torch.tensor(batches),
               "weights": weights(model), "rows": rows, "candidates": torch.from_numpy(candidates),
-              "rounds": torch.tensor([r["epoch"] for r in sanitizer.history])}
+              "rounds": torch.tensor([r["epoch"] for r in sanitizer.history]),
+              "class_sharded": torch.tensor([r.get("class_sharded", False) for r in sanitizer.history])}
     sanitizer.run_round(EPOCHS)  # one more round on the final weights, compared with one process below
     result["keep_after"] = torch.from_numpy(sanitizer.keep.copy())
     result["scores"] = torch.from_numpy(sanitizer.last_scores)
@@ -86,6 +87,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     dropped = np.flatnonzero(~ranks[0]["keep"].numpy())
     assert set(planted) <= set(dropped.tolist())
     assert ranks[0]["rounds"].tolist() == list(range(1, EPOCHS))
+    # The density policy decides class by class, so the ranks sharded the classes (no rank held all rows).
+    assert ranks[0]["class_sharded"].all() and not single["class_sharded"].any()
 
     # Equal batch counts on every rank (so no collective hangs), following the shrinking kept set.
     assert torch.equal(ranks[0]["batches"], ranks[1]["batches"])
@@ -235,6 +238,7 @@ def _harvest_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         torch.save({"candidates": torch.from_numpy(captured["cand"]), "emb": captured["emb"],
                     "harvest": torch.tensor([sanitizer.history[-1]["harvest"]["harvested"],
                                              sanitizer.history[-1]["harvest"]["embedded"]]),
+                    "class_sharded": torch.tensor(sanitizer.history[-1]["class_sharded"]),
                     "weights": weights(model)}, os.path.join(out_dir, f"harvest{rank}.pt"))
         dist.barrier()
     finally:
@@ -251,5 +255,6 @@ def test_harvest_mode_gathers_each_ranks_rows(tmp_path):
     harvested, embedded = ranks[0]["harvest"].tolist()
     assert harvested > 0 and embedded > 0  # drop_last leaves a remainder that a pass embeds
     assert harvested + embedded == len(dataset)
+    assert not ranks[0]["class_sharded"]  # a round hook reads every row, so the round gathered them
     for r in ranks:
         torch.testing.assert_close(r["emb"], direct, rtol=1e-5, atol=1e-6)
