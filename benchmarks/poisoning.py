@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record-signals", action="store_true",
                         help="the undefended victim saves per-epoch logits and features under CACHE_DIR/signals "
                              "for the offline detection study (benchmarks.detection_study)")
+    parser.add_argument("--skip-undefended", action="store_true",
+                        help="do not add the undefended victim (noise controls that read no time ratio, e.g. a "
+                             "second poison-free victim with --victim-seed-offset)")
     parser.add_argument("--victim-seed-offset", type=int, default=0,
                         help="train the victims from seed + OFFSET on the same poisons (training-noise control; "
                              "write to its own --out file)")
@@ -624,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         raise SystemExit("--out FILE.jsonl is required (the per-victim results are appended there)")
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    if "none" not in defenses:
+    if "none" not in defenses and not args.skip_undefended:
         defenses.insert(0, "none")  # time ratios need undefended training in the same run
     out = run(preset, args.attack, args.trials, defenses, args.out, args.data_root, args.cache_dir,
               args.seed_start, args.trial_start, args.diagnostics, args.record_signals, args.victim_seed_offset)

@@ -174,3 +174,16 @@ def test_retrain_detects_once_then_trains_a_fresh_victim_without_the_dropped(tmp
     assert row["dropped"] > 0 and row["schedule"] == {"detect_epoch": 2}
     # the fresh victim trains every epoch from scratch: its trace has one value per epoch
     assert len(row["target_adv_prob_by_epoch"]) == 3 and row["seconds"] > row["seconds_detect"] > 0
+
+
+def test_noise_control_trains_only_the_requested_victims_with_another_seed(tmp_path):
+    out = tmp_path / "run.jsonl"
+    argv = ["--preset", "digits-scratch-tiny", "--set", "per_class=40", "--set", "epochs=3", "--set", "warmup=1",
+            "--attack", "label_flip", "--data-root", "", "--trials", "1", "--defenses", "clean",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-report", "--victim-seed-offset", "100"]
+    poisoning.main([*argv, "--skip-undefended"])
+    rows = victim_rows(out)
+    assert [r["defense"] for r in rows] == ["clean"]
+    assert rows[0]["victim_seed"] == rows[0]["seed"] + 100
+    poisoning.main(argv)  # without the flag the undefended victim is added (time ratios need it)
+    assert sorted(r["defense"] for r in victim_rows(out)) == ["clean", "none"]
