@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.presets import weight_digest
 from sanitizer.data import ImageTensorDataset, load_cifar10, subset_by_class
 from sanitizer.models import CompactCNN
 from sanitizer.progress import log
@@ -83,6 +84,7 @@ def load_or_train_extractor(data_root: str | Path, cache_dir: str | Path, spec: 
         torch.save(model.state_dict(), weights)
         meta_path.write_text(json.dumps(meta, indent=2))
         log(f"[extractor] test accuracy {acc:.4f} after {seconds:.0f}s; cached at {weights}")
+    meta["weights_sha256"] = weight_digest(model)  # tells a retrained extractor apart
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default="../shared/data/cifar10")
     parser.add_argument("--cache-dir", default="benchmarks/out/cifar10")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the preset's extractor_seed (another split and init)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _, meta = load_or_train_extractor(args.data_root, args.cache_dir)
+    _, meta = load_or_train_extractor(args.data_root, args.cache_dir, ExtractorSpec(seed=args.seed))
     print(json.dumps(meta, indent=2))
 
 

@@ -67,6 +67,7 @@ class Preset:
     extractor_images: int = 20_000
     extractor_epochs: int = 12
     extractor_lr: float = 0.05
+    extractor_seed: int = 0            # another seed trains another extractor on another class-balanced split
     feature_cache: bool = True         # False: victims run images through the frozen extractor (timing runs)
     # scratch: the clean surrogate
     surrogate_epochs: int = 20
@@ -277,7 +278,7 @@ class TransferSetting(Setting):
         train, test = load_data(preset, data_root)
         spec = ExtractorSpec(width=preset.extractor_width, train_images=preset.extractor_images,
                              finetune_per_class=preset.per_class, epochs=preset.extractor_epochs,
-                             lr=preset.extractor_lr)
+                             lr=preset.extractor_lr, seed=preset.extractor_seed)
         if preset.data != "cifar10":
             spec = dataclasses.replace(spec, batch_size=64)
         finetune, _ = split_indices(train, spec)
