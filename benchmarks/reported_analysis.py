@@ -124,6 +124,42 @@ def secondary(sets: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def reseeded_clean(paths: list[Path]) -> dict[int, dict]:
+    """{set: row} of the poison-free victims trained from another victim seed (the noise control)."""
+    out: dict[int, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("defense") == "clean" and row.get("victim_seed", row["seed"]) != row["seed"]:
+                out.setdefault(int(row["trial"]), row)
+    return dict(sorted(out.items()))
+
+
+def noise_control(sets: dict[int, dict[str, dict]], reseeded: dict[int, dict]) -> str:
+    """The pre-registered control for issue 11's 2x target: per set, how far a second poison-free victim lands
+    from the first (n) against how far the default's victim lands from it (d), both |log10| of P(adv) ratios."""
+    used = [s for s in reseeded if s in sets and "clean" in sets[s] and "density" in sets[s]]
+    if not used:
+        return "no set has both a reseeded poison-free victim and the default's victim"
+    n = [abs(math.log10(max(reseeded[s]["target_adv_prob"], 1e-12) / max(sets[s]["clean"]["target_adv_prob"], 1e-12)))
+         for s in used]
+    d = [abs(effect(sets[s]["density"], sets[s]["clean"])) / math.log(10) for s in used]
+    lines = ["| set | poison-free, seed s | poison-free, seed s + 100 | default | n = second poison-free's distance | "
+             "d = default's distance |", "|---|---|---|---|---|---|"]
+    for s, ni, di in zip(used, n, d):
+        lines.append(f"| {s} | {sets[s]['clean']['target_adv_prob']:.2g} | {reseeded[s]['target_adv_prob']:.2g} | "
+                     f"{sets[s]['density']['target_adv_prob']:.2g} | {10 ** ni:.1f}× | {10 ** di:.1f}× |")
+    within = math.log10(2)
+    p = None
+    if len(used) >= 2 and not np.allclose(np.subtract(d, n), 0):
+        p = float(stats.wilcoxon(np.subtract(d, n)).pvalue)
+    lines.append(f"\n{len(used)} sets: median n {10 ** np.median(n):.1f}×, median d {10 ** np.median(d):.1f}×; "
+                 f"within 2×: second poison-free {sum(x <= within for x in n)}/{len(used)}, default "
+                 f"{sum(x <= within for x in d)}/{len(used)}; two-sided Wilcoxon of d − n: "
+                 f"p = {'–' if p is None else f'{p:.3g}'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="victim JSONL files of the reported sets")
@@ -140,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{'not tested' if r is None else ('yes' if r else 'no')} | {what} |")
     print("\nSecondary (95 % Wilson intervals)\n")
     print(secondary(sets))
+    reseeded = reseeded_clean(args.paths)
+    if reseeded:
+        print("\nNoise control: a second poison-free victim (another victim seed) against the default\n")
+        print(noise_control(sets, reseeded))
 
 
 if __name__ == "__main__":
