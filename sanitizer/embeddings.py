@@ -134,6 +134,25 @@ def _call(model: nn.Module, x: Any):
                              f"{fix} ({' '.join(str(exc).split())})") from exc
 
 
+class _ImageLayout:
+    """Runs a CPU image batch in channels-last memory layout: oneDNN's convolutions are ~1.7x faster on it
+    (a CIFAR-10 CompactCNN's eval pass, one thread: 4.5 s against 7.6 s per 3,000 images), the weights are left
+    as they are and the outputs agree to ~1e-6. A forward that reshapes with ``.view()`` cannot take that
+    layout; the first such failure falls back to the ordinary layout for the rest of the pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cpu"
+
+    def __call__(self, model: nn.Module, x: Any):
+        if not (self.on and isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()):
+            return _call(model, x)
+        try:
+            return _call(model, x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            self.on = False
+            return _call(model, x)
+
+
 def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, Mapping):
         return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
@@ -285,6 +304,7 @@ def gradient_embeddings(
     captured: dict[str, torch.Tensor] = {}
     hook = None
     hint = num_classes if num_classes is not None else getattr(last_layer, "out_features", None)
+    run = _ImageLayout(dev)
     with _EvalMode(model):
         done = 0
         try:
@@ -298,7 +318,7 @@ def gradient_embeddings(
                     hook = last_layer.register_forward_hook(
                         lambda _m, inp, out: captured.update(h=inp[0], z=out))
                 captured.clear()
-                output = _call(model, x)  # fills captured through the hook
+                output = run(model, x)  # fills captured through the hook (a retried batch overwrites it)
                 if hook is not None and "z" not in captured:
                     raise SanitizerError(
                         f"last_layer={type(last_layer).__name__}(...) was not called in the model's forward pass, so "

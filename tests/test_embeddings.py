@@ -257,3 +257,39 @@ def test_one_word_for_the_embedding_across_the_api():
         Sanitizer(model, data, embedding="grads", epochs=4)
     with pytest.raises(SanitizerError, match="embedding_kind is now called embedding"):
         type("OldStylePolicy", (Policy,), {"embedding_kind": "features"})
+
+
+class _ViewNet(nn.Module):
+    """A conv net whose forward reshapes with .view(), which a channels-last batch cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+class _Contiguous(nn.Module):
+    """The reference: the same network on an ordinary-layout batch."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.contiguous())
+
+
+@pytest.mark.parametrize("make", [lambda: CompactCNN(3, 5, 4), _ViewNet], ids=["compact_cnn", "view_reshape"])
+def test_cpu_image_passes_in_channels_last_equal_the_ordinary_layout(make):
+    torch.manual_seed(1)
+    data = TensorDataset(torch.rand(40, 3, 6, 6), torch.randint(0, 5, (40,)))
+    net = make()
+    fast = gradient_embeddings(net, data, embedding="last_layer", batch_size=16)
+    reference = gradient_embeddings(_Contiguous(net), data, embedding="last_layer", batch_size=16)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    assert next(net.parameters()).is_contiguous()  # the model's weights are left as they were
