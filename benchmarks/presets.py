@@ -67,6 +67,9 @@ class Preset:
     extractor_images: int = 20_000
     extractor_epochs: int = 12
     extractor_lr: float = 0.05
+    # non-augmented image victims train channels-last (augmented batches always were); false reproduces such
+    # rows recorded before 2026-12-01 (fourth session) bit for bit
+    channels_last: bool = True
     extractor_seed: int = 0            # another seed trains another extractor on another class-balanced split
     feature_cache: bool = True         # False: victims run images through the frozen extractor (timing runs)
     # scratch: the clean surrogate
@@ -76,7 +79,8 @@ class Preset:
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            weight_decay=self.weight_decay, augment=self.augment,
-                           milestones=tuple(self.milestones), seed=seed, schedule=self.schedule)
+                           milestones=tuple(self.milestones), seed=seed, schedule=self.schedule,
+                           channels_last=self.channels_last)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -134,14 +134,15 @@ def _call(model: nn.Module, x: Any):
                              f"{fix} ({' '.join(str(exc).split())})") from exc
 
 
-class _ImageLayout:
+class ImageLayout:
     """Runs a CPU image batch in channels-last memory layout: oneDNN's convolutions are ~1.7x faster on it
     (a CIFAR-10 CompactCNN's eval pass, one thread: 4.5 s against 7.6 s per 3,000 images), the weights are left
     as they are and the outputs agree to ~1e-6. A forward that reshapes with ``.view()`` cannot take that
-    layout; the first such failure falls back to the ordinary layout for the rest of the pass."""
+    layout; the first such failure falls back to the ordinary layout for the rest of the pass (in train mode that
+    first, failed attempt may already have moved BatchNorm running statistics once)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.on = device.type == "cpu"
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.on = enabled and device.type == "cpu"
 
     def __call__(self, model: nn.Module, x: Any):
         if not (self.on and isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()):
@@ -304,7 +305,7 @@ def gradient_embeddings(
     captured: dict[str, torch.Tensor] = {}
     hook = None
     hint = num_classes if num_classes is not None else getattr(last_layer, "out_features", None)
-    run = _ImageLayout(dev)
+    run = ImageLayout(dev)
     with _EvalMode(model):
         done = 0
         try:

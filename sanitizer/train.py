@@ -18,7 +18,7 @@ from torch import nn
 
 from sanitizer.augment import flip_crop
 from sanitizer.data.tensors import ImageTensorDataset
-from sanitizer.embeddings import model_device
+from sanitizer.embeddings import ImageLayout, model_device
 from sanitizer.errors import SanitizerError
 from sanitizer.progress import progress
 from sanitizer.sampler import KeepSampler
@@ -44,6 +44,10 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.375, 0.625, 0.875)
     seed: int = 0
     schedule: str = "step"
+    # CPU image batches in channels-last layout: ~1.6x faster steps of the bundled CNNs on one thread. Augmented
+    # batches (flip_crop) come out channels-last already, so this changes runs without augmentation only (the
+    # same seed still gives the same weights, not those of the other layout)
+    channels_last: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +124,7 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
     gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult(0.0)
     sampler = epoch_sampler(train_set, config.seed, sanitizer)
+    run = ImageLayout(device, config.channels_last)
     t_start = time.perf_counter()
     bar = progress(range(start_epoch, end_epoch), desc=desc)
     for epoch in bar:
@@ -140,7 +145,7 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
             if batch_transform is not None:
                 x = batch_transform(x, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = run(model, x)
             loss = F.cross_entropy(logits, y)
             if on_batch is not None:
                 on_batch(epoch, idx, logits.detach(), y)
@@ -167,7 +172,8 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512)
     was_training = model.training
     model.eval()
     device = model_device(model)
-    out = [torch.softmax(model(images[i:i + batch_size].to(device)), 1).cpu()
+    run = ImageLayout(device)
+    out = [torch.softmax(run(model, images[i:i + batch_size].to(device)), 1).cpu()
            for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out)

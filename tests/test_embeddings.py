@@ -293,3 +293,22 @@ def test_cpu_image_passes_in_channels_last_equal_the_ordinary_layout(make):
     reference = gradient_embeddings(_Contiguous(net), data, embedding="last_layer", batch_size=16)
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     assert next(net.parameters()).is_contiguous()  # the model's weights are left as they were
+
+
+@pytest.mark.parametrize("make", [lambda: CompactCNN(3, 5, 4), _ViewNet], ids=["compact_cnn", "view_reshape"])
+def test_training_in_channels_last_follows_the_ordinary_layout(make):
+    from sanitizer.train import TrainConfig, predict_proba, train_classifier
+
+    torch.manual_seed(2)
+    data = ImageTensorDataset(torch.rand(64, 3, 6, 6), torch.randint(0, 5, (64,)), None, 5)
+    models = []
+    for channels_last in (True, False):
+        torch.manual_seed(3)
+        net = make()
+        train_classifier(net, data, TrainConfig(epochs=1, lr=0.01, batch_size=16, augment=False, seed=0,
+                                                channels_last=channels_last))
+        models.append(net)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # four steps apart only by rounding
+    reference = predict_proba(_Contiguous(models[0]), data.images)
+    torch.testing.assert_close(predict_proba(models[0], data.images), reference, rtol=1e-4, atol=1e-5)
