@@ -1,7 +1,8 @@
 """The pre-registered transfer comparison over several extractors (benchmarks/RESULTS.md, "Pre-registered:
 CIFAR-10 transfer with the library default over three extractors"), from the victims' JSONL rows.
 
-Per attack, pooled over extractors and setups: attack success with a Wilson 95 % interval, clean accuracy
+Per attack, pooled over extractors and setups: attack success with a Wilson 95 % interval, the hits that the
+poison-free head of the same setup (the ``clean`` row, when run) does not make too, clean accuracy
 against undefended, poisons and clean images dropped; per extractor: success of each defense (the spread
 between extractors). Primary, one per attack, Holm over the attacks at alpha 0.05: the library default's
 success is lower than undefended's, by an exact one-sided McNemar test on the paired setups. The default
@@ -54,8 +55,9 @@ def table(attack: str, setups: dict) -> str:
     defenses = sorted({d for rows in setups.values() for d in rows}, key=lambda d: (d != "none", d != DEFAULT, d))
     extractors = sorted({e for e, _ in setups})
     head = "| defense | setups | attack success | " + " | ".join(f"extractor {e}" for e in extractors) + \
-           " | accuracy − none (points) | poisons dropped | clean dropped / setup |"
-    lines = [f"**{attack}**", "", head, "|---" * (6 + len(extractors)) + "|"]
+           " | hits the poison-free head does not make | accuracy − none (points) | poisons dropped | " \
+           "clean dropped / setup |"
+    lines = [f"**{attack}**", "", head, "|---" * (7 + len(extractors)) + "|"]
     for d in defenses:
         rows = [r[d] for r in setups.values() if d in r]
         per_e = []
@@ -65,8 +67,11 @@ def table(attack: str, setups: dict) -> str:
         gaps = [r[d]["clean_accuracy"] - r["none"]["clean_accuracy"] for r in setups.values() if d in r and "none" in r]
         poisons = sum(r.get("poisons_dropped", 0) for r in rows), sum(r["budget"] for r in rows)
         name = f"{d} (library default)" if d == DEFAULT else d
+        referenced = [r for r in setups.values() if d in r and "clean" in r]
+        own = sum(bool(r[d]["target_hit"]) and not r["clean"]["target_hit"] for r in referenced)
+        beyond = f"{own}/{len(referenced)}" if referenced else "–"
         lines.append(f"| {name} | {len(rows)} | {format_rate(sum(bool(r['target_hit']) for r in rows), len(rows))} | "
-                     + " | ".join(per_e) + f" | {100 * np.mean(gaps):+.2f} | {format_rate(*poisons)} | "
+                     + " | ".join(per_e) + f" | {beyond} | {100 * np.mean(gaps):+.2f} | {format_rate(*poisons)} | "
                      f"{np.mean([r.get('clean_dropped', 0) for r in rows]):.0f} |")
     return "\n".join(lines)
 
