@@ -26,3 +26,27 @@ def test_noise_control_compares_the_defaults_distance_with_a_second_poison_free_
     assert "| 1 | 0.002 | 0.003 | 0.001 | 1.5× | 2.0× |" in text
     assert "within 2×: second poison-free 1/2, default 1/2" in text
     assert "no set" in noise_control(sets, {})
+
+
+def test_transfer_analysis_pairs_setups_by_extractor_and_counts_hits_beyond_the_clean_head(tmp_path):
+    from benchmarks.transfer_extractors_analysis import DEFAULT, mcnemar_less, read, table
+
+    def victim(seed, defense, hit):
+        return {"kind": "victim", "attack": "bullseye_polytope", "seed": seed, "defense": defense, "target_hit": hit,
+                "clean_accuracy": 0.7, "budget": 25, "poisons_dropped": 0, "clean_dropped": 0}
+
+    paths = []
+    for extractor, hits in ((0, {"none": [0, 1, 2], DEFAULT: [2], "clean": [2]}), (1, {"none": [0], DEFAULT: [],
+                                                                                      "clean": []})):
+        rows = [{"kind": "run", "preset": {"extractor_seed": extractor}}]
+        rows += [victim(s, d, s in hit) for d, hit in hits.items() for s in range(3)]
+        path = tmp_path / f"e{extractor}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        paths.append(path)
+    setups = read(paths)["bullseye_polytope"]
+    assert len(setups) == 6 and (1, 0) in setups  # seed 0 of extractor 1 is its own setup
+    only_default, only_none, p = mcnemar_less(setups, DEFAULT, "none")
+    assert (only_default, only_none) == (0, 3) and abs(p - 0.125) < 1e-12
+    text = table("bullseye_polytope", setups)
+    assert "| none | 6 | 4/6" in text and "| 3/3 | 1/3 | 3/6 |" in text  # per extractor, then beyond the clean head
+    assert "| 1/3 | 0/3 | 0/6 |" in text  # the default's one hit is the clean head's own mistake
