@@ -85,3 +85,22 @@ def test_purifications_stay_in_range_and_friendly_noise_keeps_the_output():
         before = torch.softmax(model(x), 1)
         after = torch.softmax(model((x + noise).clamp(0, 1)), 1)
     assert (before - after).abs().max() < 0.1     # the model's output barely moves
+
+
+def test_friendly_noise_in_channels_last_follows_the_ordinary_layout():
+    from sanitizer.models import CompactCNN
+
+    class Contiguous(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.contiguous())
+
+    torch.manual_seed(0)
+    net = CompactCNN(3, 4, 4).eval()
+    x = torch.rand(8, 3, 8, 8)
+    fast = friendly_noise(net, x, steps=3, lr=1.0, seed=0)
+    reference = friendly_noise(Contiguous(net), x, steps=3, lr=1.0, seed=0)
+    torch.testing.assert_close(fast, reference, rtol=1e-3, atol=1e-4)
