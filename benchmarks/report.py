@@ -41,6 +41,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             order.append(row["defense"])
         by_defense[row["defense"]].append(row)
     none_by_trial = {r["trial"]: r for r in by_defense.get("none", [])}
+    clean_by_trial = {r["trial"]: r for r in by_defense.get("clean", [])}
     out = []
     for name in order:
         group = by_defense[name]
@@ -54,8 +55,14 @@ def summarize(rows: list[dict]) -> list[dict]:
         acc_delta = np.array([r["clean_accuracy"] - none_by_trial[r["trial"]]["clean_accuracy"] for r in paired]) * 100
         recall = [r["recall"] for r in group if r.get("recall") is not None]
         precision = [r["precision"] for r in group if r.get("precision") is not None]
+        # hits the poison-free model of the same trial does not make too (a target it already misclassifies
+        # into the adversarial class is no success of the attack); None without clean rows
+        referenced = [r for r in group if r["trial"] in clean_by_trial]
+        beyond = (sum(bool(r["target_hit"]) and not clean_by_trial[r["trial"]]["target_hit"] for r in referenced)
+                  if referenced else None)
         out.append({
             "defense": name, "trials": n, "hits": hits, "asr": hits / n if n else float("nan"),
+            "hits_beyond_clean": beyond, "trials_with_clean": len(referenced),
             "asr_lo": lo, "asr_hi": hi,
             "adv_prob_mean": float(np.mean([r["target_adv_prob"] for r in group])),
             "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if n > 1 else 0.0,
@@ -74,11 +81,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def beyond_clean(s: dict) -> str:
+    if s.get("hits_beyond_clean") is None:
+        return "–"
+    return f"{s['hits_beyond_clean']}/{s['trials_with_clean']}"
+
+
 def markdown_table(summary: list[dict]) -> str:
     lines = [
-        "| defense | trials | ASR | Wilson 95% | adv. prob. | clean acc. % (mean ± std) | Δ acc. vs none | "
-        "recall | precision | dropped | clean dropped | time ratio | round overhead |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| defense | trials | ASR | Wilson 95% | hits beyond the poison-free model | adv. prob. | "
+        "clean acc. % (mean ± std) | Δ acc. vs none | recall | precision | dropped | clean dropped | time ratio | "
+        "round overhead |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(v, spec=".2f"):
@@ -87,7 +101,7 @@ def markdown_table(summary: list[dict]) -> str:
     for s in summary:
         lines.append(
             f"| {s['defense']} | {s['trials']} | {s['hits']}/{s['trials']} = {100 * s['asr']:.1f}% | "
-            f"[{100 * s['asr_lo']:.1f}, {100 * s['asr_hi']:.1f}] | {s['adv_prob_mean']:.3f} | "
+            f"[{100 * s['asr_lo']:.1f}, {100 * s['asr_hi']:.1f}] | {beyond_clean(s)} | {s['adv_prob_mean']:.3f} | "
             f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {fmt(s['acc_delta'], '+.2f')} | {fmt(s['recall'])} | "
             f"{fmt(s['precision'])} | {s['dropped']:.1f} | {s['clean_dropped']:.1f} | {fmt(s['time_ratio'])} | "
             f"{100 * s['round_overhead']:+.1f}% |")

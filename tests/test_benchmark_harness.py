@@ -93,8 +93,14 @@ def test_report_has_every_defense_and_plots(tiny_run, tmp_path):
         assert f"| {d} | 2 |" in text
     assert (tmp_path / "run_asr_vs_acc.png").stat().st_size > 1000
     assert (tmp_path / "run_time_ratio.png").stat().st_size > 1000
-    summary = {s["defense"]: s for s in summarize(load_rows(out)[1])}
+    rows = load_rows(out)[1]
+    summary = {s["defense"]: s for s in summarize(rows)}
     assert summary["none"]["time_ratio"] == pytest.approx(1.0)
+    # hits beyond the poison-free model: a trial counts only if the clean victim did not hit its target too
+    clean_hit = {r["trial"]: r["target_hit"] for r in rows if r["defense"] == "clean"}
+    expected = sum(r["target_hit"] and not clean_hit[r["trial"]] for r in rows if r["defense"] == "none")
+    assert summary["none"]["hits_beyond_clean"] == expected and summary["none"]["trials_with_clean"] == 2
+    assert summary["clean"]["hits_beyond_clean"] == 0
 
 
 def test_branching_from_the_prefix_equals_one_continuous_run():
