@@ -384,7 +384,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
     model = setting.new_victim(seed)
     optimizer, scheduler = make_optimizer(model, config)
     prefix_seconds = 0.0
-    from_scratch = ("clean", "jpeg")  # victims that do not branch from the prefix
+    from_scratch = ("clean", "clean-screened", "jpeg")  # victims that do not branch from the prefix
     if any(parse_defense(spec)[0] not in from_scratch and not screens(spec) and spec not in done for spec in defenses):
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
         t0 = time.perf_counter()
@@ -403,8 +403,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             continue
         trace: dict[int, float] = {}
         tracer = target_tracer(data, adv, trace)
-        if spec == "clean":
-            row = clean_victim(setting, data, config, seed, tracer)
+        if spec in ("clean", "clean-screened"):
+            row = clean_victim(setting, data, config, seed, tracer, screened=spec == "clean-screened")
         elif name == "retrain":
             row = retrain_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
             row.update(seconds=row["seconds"] + prefix_seconds, seconds_prefix=prefix_seconds)
@@ -485,12 +485,25 @@ def train_fresh(setting: Setting, data: VictimData, config, seed: int, keep: np.
     return model, keeper
 
 
-def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None) -> dict:
+def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None,
+                 screened: bool = False) -> dict:
     """Reference, not a defense: the same victim trained without the poisons (an oracle filter at
-    epoch 0). Its hits are targets the clean model already sends to the adversarial class."""
+    epoch 0). Its hits are targets the clean model already sends to the adversarial class.
+
+    ``screened`` (defense ``clean-screened``): also without the images the library default's input screen
+    flags on the poisoned set (model-free, so the same ones the default's victim loses before training): a
+    poison-free victim on the default's data, without a sanitizer, to tell the dropped clean images apart
+    from the sanitizer's mechanics."""
     t1 = time.perf_counter()
-    m, oracle = train_fresh(setting, data, config, seed, ~data.is_poison, "clean", on_epoch_end)
-    return {"defense": "clean", "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
+    keep = ~data.is_poison
+    if screened:
+        screen = Sanitizer(setting.new_victim(seed), data.train, policy="density", warmup=NEVER, seed=seed,
+                           screen_dataset=data.images, verbose=False)
+        screen.run_screen(0)
+        keep &= screen.keep
+    name = "clean-screened" if screened else "clean"
+    m, oracle = train_fresh(setting, data, config, seed, keep, name, on_epoch_end)
+    return {"defense": name, "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
             **detection(oracle, data.is_poison), "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
 
 

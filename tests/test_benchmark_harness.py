@@ -193,3 +193,33 @@ def test_noise_control_trains_only_the_requested_victims_with_another_seed(tmp_p
     assert rows[0]["victim_seed"] == rows[0]["seed"] + 100
     poisoning.main(argv)  # without the flag the undefended victim is added (time ratios need it)
     assert sorted(r["defense"] for r in victim_rows(out)) == ["clean", "none"]
+
+
+def test_clean_screened_trains_without_the_poisons_and_what_the_default_screen_drops(tmp_path):
+    out = tmp_path / "run.jsonl"
+    preset = tiny_preset().with_overrides(["per_class=60"])
+    poisoning.run(preset, "label_flip", 1, ["none", "density", "clean", "clean-screened"], out, "", tmp_path / "c")
+    rows = {r["defense"]: r for r in victim_rows(out)}
+    screened = rows["clean-screened"]
+    assert screened["recall"] == 1.0 and screened["poisons_dropped"] == screened["budget"]
+    # the clean images it leaves out are the ones the default's screen dropped before training
+    assert screened["clean_dropped"] == rows["density"]["screen"]["clean_dropped"]
+    assert screened["dropped"] >= rows["clean"]["dropped"] and screened["seconds_prefix"] == 0
+
+    # Clean images the screen must flag (pure noise among digits) are left out too; the plain clean victim keeps them.
+    from benchmarks.presets import VictimData, make_setting
+
+    setting = make_setting(preset, "", tmp_path / "c")
+    train = setting.craft_set
+    images = train.images.clone()
+    noisy = np.arange(10, 16)
+    images[noisy] = torch.rand(len(noisy), *images.shape[1:])
+    is_poison = np.zeros(len(train), dtype=bool)
+    is_poison[:4] = True
+    data = VictimData(ImageTensorDataset(images, train.labels, None, train.num_classes), is_poison,
+                      setting.test_set.images[:1], setting.test_set)
+    config = preset.train_config(0)
+    plain = poisoning.clean_victim(setting, data, config, 0)
+    row = poisoning.clean_victim(setting, data, config, 0, screened=True)
+    assert plain["clean_dropped"] == 0 and plain["recall"] == 1.0
+    assert row["recall"] == 1.0 and row["clean_dropped"] >= len(noisy)
