@@ -469,8 +469,8 @@ class Sanitizer:
         else:
             selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
                                            seed=self._round_seed(epoch))
-        if self._sharded():  # rank 0's decision everywhere: one mask even if a policy is not bit-exact
-            selection.keep = broadcast_mask(selection.keep)
+        if self._sharded() and not class_sharded:  # rank 0's decision everywhere (select_sharded already
+            selection.keep = broadcast_mask(selection.keep)  # gathered one mask): even if a policy is not bit-exact
         t2 = time.perf_counter()
         dropped_now = candidates[~selection.keep] if not self.audit else candidates[:0]
         self._check_leaves_examples(epoch, dropped_now)
