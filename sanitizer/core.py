@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from sanitizer.config import FIELDS as CONFIG_FIELDS
 from sanitizer.config import SanitizerConfig, default_schedule
 from sanitizer.distributed import (
+    all_reduce_sum,
     broadcast_mask,
     decides_by_class,
     gather_embeddings,
@@ -28,7 +29,8 @@ from sanitizer.distributed import (
 )
 from sanitizer.embeddings import check_embedding_name, embed_outputs, gradient_embeddings, last_linear_of
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
-from sanitizer.harvest import Harvester
+from sanitizer.harvest import PROBE as HARVEST_PROBE
+from sanitizer.harvest import Harvester, label_fit_check, label_fit_counts
 from sanitizer.noise_screen import (
     GROUP_CUT,
     PATCH,
@@ -356,6 +358,7 @@ class Sanitizer:
         self._samplers = SamplerRegistry()
         self.harvester: Harvester | None = None
         self._harvest_counts: dict[str, Any] | None = None  # what the last harvested embedding took from where
+        self._harvest_check_warned = False
         if harvest and self.embedding not in HARVESTABLE:
             raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
                                  f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
@@ -699,8 +702,11 @@ class Sanitizer:
     def _embed_harvested(self, candidates: np.ndarray, embedding_name: str) -> torch.Tensor:
         """Rows from the last epoch's training steps; a pass only for the candidates it did not see."""
         h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
+        check = self._check_harvest(candidates[have], z) if have.any() else None
+        if check is not None and not check["ok"]:
+            h, z, have = h[:0], z[:0], np.zeros(len(candidates), dtype=bool)
         self._harvest_counts = {"harvested": int(have.sum()), "embedded": int((~have).sum()),
-                                "off": self.harvester.broken}
+                                "off": self.harvester.broken, "check": check}
         if not have.any():
             return self._embed_rows(candidates, embedding_name)
         y = torch.from_numpy(self.labels[candidates[have]])
@@ -716,13 +722,16 @@ class Sanitizer:
         """Each rank trained on its shard: gather the harvested rows by candidate position, then embed
         what no rank saw with the sharded pass (every rank knows the same gaps, so the collectives match)."""
         h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
+        check = self._check_harvest(candidates[have], z, reduce=True)
+        if not check["ok"]:
+            h, z, have = h[:0], z[:0], np.zeros(len(candidates), dtype=bool)
         local = torch.zeros(0, 0)
         if have.any():
             y = torch.from_numpy(self.labels[candidates[have]])
             local, _ = embed_outputs(z, y, h, embedding_name, self.num_classes, self.max_dim, self.seed)
         out, filled = gather_rows_by_position(local, np.flatnonzero(have), len(candidates))
         self._harvest_counts = {"harvested": int(filled.sum()), "embedded": int((~filled).sum()),
-                                "off": self.harvester.broken}
+                                "off": self.harvester.broken, "check": check}
         if filled.all():
             return out
         rest = gather_embeddings(lambda idx: self._embed_rows(idx, embedding_name), candidates[~filled])
@@ -730,6 +739,34 @@ class Sanitizer:
             return rest
         out[torch.from_numpy(~filled)] = rest.to(out.dtype)
         return out
+
+    def _check_harvest(self, harvested: np.ndarray, z: torch.Tensor, reduce: bool = False) -> dict:
+        """:func:`~sanitizer.harvest.label_fit_check` on a random probe of the ``harvested`` indices (rows ``z``)
+        against a pass over the same examples; when it fails, this round embeds with a pass (checked again
+        every round: rows from the first epoch of training can fail where later ones pass).
+        ``reduce``: sum the counts over the ranks (each rank probes its own rows), so all ranks decide alike."""
+        rng = np.random.default_rng([self.seed, max(self.epoch, 0)])
+        take = np.sort(rng.choice(len(harvested), min(HARVEST_PROBE // (world_size() if reduce else 1),
+                                                      len(harvested)), replace=False))
+        indices = harvested[take]
+        check = label_fit_counts(0, 0, 0)
+        if len(indices):
+            labels = torch.from_numpy(self.labels[indices]).long()
+            harvested_error, _ = embed_outputs(z[torch.from_numpy(take)], labels, None, "logits", self.num_classes,
+                                               self.max_dim, self.seed)
+            passed_error = self._embed_rows(indices, "logits").to(harvested_error.dtype)
+            check = label_fit_check(harvested_error, passed_error, labels)
+        if reduce:
+            counts = torch.tensor([check["probe"], check["pass_only"], check["harvest_only"]], dtype=torch.float64)
+            total = all_reduce_sum(counts)
+            check = label_fit_counts(*(int(v) for v in total))
+        if not check["ok"] and not self._harvest_check_warned:
+            self._harvest_check_warned = True
+            warnings.warn(f"at epoch {self.epoch} the harvested rows fit their labels {check['gap']:.0%} worse than a "
+                          f"pass over the same {check['probe']} examples does (blended inputs such as mixup or cutmix, "
+                          "or rows from a model that changed a lot during the epoch): such rounds embed with a "
+                          "separate pass instead (correct, but slower)", stacklevel=4)
+        return check
 
     def _start_harvest(self, required: bool) -> None:
         """Hook the last linear layer; in automatic mode (``harvest=None``) a model without a recognisable

@@ -46,6 +46,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks (a copy; the input is left alone)."""
+    out = values.to(_comm_device()).clone()
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def _comm_device() -> torch.device:
     """NCCL moves CUDA tensors only; gloo and mpi move CPU tensors."""
     if dist.get_backend() == "nccl":

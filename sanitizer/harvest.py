@@ -72,11 +72,11 @@ class Harvester:
         if not module.training or not torch.is_grad_enabled() or self.broken or self._order is None:
             return
         if module is not self._layer:  # a replica (nn.DataParallel): chunks of a batch arrive from threads
-            self._break("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
+            self.stop("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
             return
         h = inputs[0]
         if h.ndim != 2 or output.ndim != 2:
-            self._break(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
+            self.stop(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
             return
         self._buffer.append((h.detach().float().cpu(), output.detach().float().cpu()))
 
@@ -97,7 +97,7 @@ class Harvester:
         if self.broken or self._order is None:
             return
         if len(h) > len(self._order):
-            self._break(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
+            self.stop(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
                         "indices (more than one training forward per batch, or a second training loader?)")
             return
         if self.h is None:
@@ -108,7 +108,8 @@ class Harvester:
         self.z[index] = z
         self.seen_epoch[self._order[:len(h)]] = self._epoch
 
-    def _break(self, reason: str) -> None:
+    def stop(self, reason: str) -> None:
+        """Stop trusting harvested rows for the rest of training (warns once); rounds use a pass."""
         self.broken = reason
         self._buffer.clear()
         warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate pass "
@@ -152,3 +153,50 @@ class Harvester:
     def state(self) -> dict:
         """A summary for the round's record."""
         return {"broken": self.broken, "harvested": int((self.seen_epoch >= 0).sum())}
+
+
+# -- is a harvested row the example's own? -----------------------------------------------------------
+PROBE = 512  # harvested examples re-embedded by a pass each round to check the rows
+MAX_FIT_GAP = 0.10  # the rows may fit their labels at most this much worse than the examples do
+FIT_ALPHA = 1e-3  # ... beyond chance (one-sided sign test on the discordant pairs)
+
+
+def label_fit_check(harvested_error: torch.Tensor, passed_error: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Do harvested rows fit their examples' labels as the examples themselves do? Paired over a probe:
+    ``*_error`` are the rows' ``softmax(z) − onehot(y)`` (the ``logits`` embedding) from the training steps
+    and from an eval-mode pass over the same examples. A loop that blends inputs (mixup, cutmix) feeds the
+    last layer rows that are not the example alone, and about half of them are predicted as the partner's
+    class: the harvested rows then get the label right far less often than a pass over the examples does.
+    An ordinary loop's rows (augmented views, train mode) fit their labels about as well as the pass does,
+    or better (they are the views the model just trained on).
+
+    Returns ``{"probe", "pass_only", "harvest_only", "gap", "p", "ok"}``: ``pass_only`` counts the examples
+    the pass gets right and the harvested row wrong, ``harvest_only`` the reverse; ``ok`` is False when
+    ``gap = (pass_only − harvest_only) / probe`` exceeds :data:`MAX_FIT_GAP` and a one-sided sign test on
+    the discordant pairs gives ``p`` < :data:`FIT_ALPHA`.
+
+    Example:
+        >>> y = torch.tensor([0, 1] * 50)
+        >>> onehot = torch.nn.functional.one_hot(y, 2).float()
+        >>> right = (0.9 * onehot + 0.1 * (1 - onehot)) - onehot  # softmax 0.9 on the label
+        >>> wrong = (0.1 * onehot + 0.9 * (1 - onehot)) - onehot  # softmax 0.9 on the other class
+        >>> label_fit_check(wrong, right, y)["ok"], label_fit_check(right, right, y)["ok"]
+        (False, True)
+    """
+    def right(error: torch.Tensor) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(labels, error.shape[1]).to(error.dtype)
+        return (error + onehot).argmax(1) == labels
+
+    h, p = right(harvested_error), right(passed_error)
+    return label_fit_counts(len(labels), int((p & ~h).sum()), int((h & ~p).sum()))
+
+
+def label_fit_counts(probe: int, pass_only: int, harvest_only: int) -> dict:
+    """:func:`label_fit_check`'s verdict from its counts (summed over ranks under torch.distributed)."""
+    from scipy.stats import binom
+
+    gap = (pass_only - harvest_only) / max(probe, 1)
+    discordant = pass_only + harvest_only
+    p_value = float(binom.sf(pass_only - 1, discordant, 0.5)) if discordant else 1.0
+    return {"probe": probe, "pass_only": pass_only, "harvest_only": harvest_only, "gap": round(gap, 4),
+            "p": p_value, "ok": not (gap > MAX_FIT_GAP and p_value < FIT_ALPHA)}

@@ -50,7 +50,10 @@ def test_harvested_round_equals_a_separate_pass_when_the_model_does_not_move(kin
     candidates, emb = captured[2]
     expected = gradient_embeddings(model, data, embedding=kind, indices=candidates)
     assert torch.allclose(emb, expected, atol=1e-5)
-    assert sanitizer.history[-1]["harvest"] == {"harvested": len(data), "embedded": 0, "off": None}
+    record = sanitizer.history[-1]["harvest"]
+    assert (record["harvested"], record["embedded"], record["off"]) == (len(data), 0, None)
+    # the same weights in train and eval mode (no BatchNorm, no dropout): the probe finds no disagreement
+    assert record["check"]["ok"] and record["check"]["pass_only"] == record["check"]["harvest_only"] == 0
 
 
 def test_rows_the_last_epoch_did_not_see_are_embedded_by_a_pass():
@@ -62,7 +65,8 @@ def test_rows_the_last_epoch_did_not_see_are_embedded_by_a_pass():
     frozen_epochs(model, loader, sanitizer, epochs=2)
     candidates, emb = captured[1]
     assert torch.allclose(emb, gradient_embeddings(model, data, indices=candidates), atol=1e-5)
-    assert sanitizer.history[-1]["harvest"] == {"harvested": 80, "embedded": 10, "off": None}
+    record = sanitizer.history[-1]["harvest"]
+    assert (record["harvested"], record["embedded"], record["off"]) == (80, 10, None)
 
 
 def test_two_forwards_per_batch_turn_harvest_off_with_a_warning_and_rounds_still_correct():
@@ -180,3 +184,56 @@ def test_the_harvest_state_survives_a_weights_only_checkpoint(tmp_path):
     h, z, have = restored.harvester.rows(np.arange(len(data)), since_epoch=1)
     assert have.all()
     assert torch.equal(h, sanitizer.harvester.h) and torch.equal(z, sanitizer.harvester.z)
+
+
+def blob_training(mixup: bool, epochs: int = 4, n: int = 300, seed: int = 0):
+    """Train an MLP on three separable blobs with a harvesting sanitizer (rounds at epochs 2 and 3); with
+    ``mixup`` every batch is blended with a shuffled copy of itself (Beta(1, 1) weight per batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 6, generator=gen) * 0.5 + 3 * nn.functional.one_hot(y, 6).float()
+    data = TensorDataset(x, y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    captured = {}  # epoch -> (the round's rows, a pass over the same candidates at that moment)
+
+    def hook(s, epoch, candidates, emb, selection):
+        captured[epoch] = (emb.clone(), gradient_embeddings(model, data, indices=candidates))
+
+    sanitizer = Sanitizer(model, data, policy="none", warmup=2, every=1, harvest=True, verbose=False,
+                          round_hooks=[hook])
+    loader = sanitizer.wrap(DataLoader(data, batch_size=20, shuffle=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        sanitizer.start_epoch(epoch)
+        for xb, yb in loader:
+            if mixup:
+                lam, perm = float(rng.beta(1.0, 1.0)), torch.randperm(len(xb), generator=gen)
+                z = model(lam * xb + (1 - lam) * xb[perm])
+                loss = lam * nn.functional.cross_entropy(z, yb) + (1 - lam) * nn.functional.cross_entropy(z, yb[perm])
+            else:
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model, data, sanitizer, captured
+
+
+def test_a_mixup_loop_fails_the_label_fit_check_and_rounds_fall_back_to_a_pass():
+    with pytest.warns(UserWarning, match="fit their labels"):
+        model, data, sanitizer, captured = blob_training(mixup=True)
+    for record in sanitizer.history:  # every round fails the check and embeds with a pass
+        check = record["harvest"]["check"]
+        assert not check["ok"] and check["gap"] > 0.1 and record["harvest"]["harvested"] == 0
+    for rows, passed in captured.values():  # both rounds embed with a pass over the examples
+        assert torch.allclose(rows, passed, atol=1e-5)
+
+
+def test_an_ordinary_loop_that_learns_passes_the_label_fit_check():
+    _, data, sanitizer, captured = blob_training(mixup=False)
+    rows, passed = captured[3]
+    assert not torch.allclose(rows, passed, atol=1e-3)  # the rows are harvested, not a pass
+    for record in sanitizer.history:
+        assert record["harvest"]["check"]["ok"] and record["harvest"]["harvested"] == len(data)
+    assert sanitizer.harvester.broken is None

@@ -205,7 +205,10 @@ def test_harvest_mode_matches_rows_to_indices_under_lightning(tmp_path):
     loader = callback.wrap(DataLoader(dataset, batch_size=32, shuffle=True))
     _trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(model, train_dataloaders=loader)
     candidates, emb = captured[1]
-    assert sanitizer.history[-1]["harvest"] == {"harvested": len(dataset), "embedded": 0, "off": None}
+    record = sanitizer.history[-1]["harvest"]
+    assert {k: record[k] for k in ("harvested", "embedded", "off")} == {"harvested": len(dataset), "embedded": 0,
+                                                                        "off": None}
+    assert record["check"]["ok"]
     assert torch.allclose(emb, gradient_embeddings(model, dataset, indices=candidates), atol=1e-5)
 
 
