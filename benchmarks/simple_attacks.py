@@ -63,6 +63,8 @@ def defense_options(name: str) -> dict[str, Any] | None:
         return None
     if name == "default":
         return {}
+    if name == "default-harvest":  # the default with rounds from the training steps where the model allows it
+        return {"harvest": None}
     if name in ("density2s", "density2s-drop"):  # density2s unlearns what it drops where the Sanitizer can
         options: dict[str, Any] = {"policy": "density", "policy_options": {"two_sided": True, "max_fraction": 0.2}}
         if name == "density2s" and "action" in inspect.signature(Sanitizer).parameters:
@@ -73,7 +75,7 @@ def defense_options(name: str) -> dict[str, Any] | None:
     if ":" in name:  # "density:max_fraction=0.2": a policy with options, written as the poisoning harness does
         policy, options = parse_defense(name)
         return {"policy": policy, "policy_options": options}
-    raise SystemExit(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}, density2s-drop")
+    raise SystemExit(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}, density2s-drop, default-harvest")
 
 
 DEFENSES = ("none", "default", "density2s", "cleanlab", "epic-0.1")  # the default list; also density2s-drop
@@ -308,7 +310,8 @@ COLUMNS: list[tuple[str, Callable[[dict], dict | None]]] = [
 def summary(paths: list[Path]) -> str:
     """A Markdown table, attack × defense, every proportion pooled over the runs with its Wilson interval."""
     victims = [r for p in paths for r in read_rows(p) if r.get("kind") == "victim"]
-    order = {a: i for i, a in enumerate(ATTACKS)} | {d: i for i, d in enumerate(DEFENSES)} | {"density2s-drop": 2.5}
+    order = {a: i for i, a in enumerate(ATTACKS)} | {d: i for i, d in enumerate(DEFENSES)} | \
+        {"density2s-drop": 2.5, "default-harvest": 1.5}
     keys = sorted({(r["attack"], r["defense"]) for r in victims},
                   key=lambda k: (order.get(k[0], 99), k[0], order.get(k[1], 99), k[1]))
     lines = ["| attack | defense | runs (seeds) | policy | " + " | ".join(c for c, _ in COLUMNS) + " |",

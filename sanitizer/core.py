@@ -773,7 +773,8 @@ class Sanitizer:
         one keeps the separate pass instead of failing."""
         try:
             layer = self._last_linear()
-        except SanitizerError:
+        except (SanitizerError, RuntimeError, TypeError, ValueError):
+            # automatic mode: e.g. text batches that need a collate the integration sets later
             if required:
                 raise
             return
