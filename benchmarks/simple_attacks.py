@@ -51,6 +51,8 @@ ATTACKS: dict[str, tuple[str, dict[str, Any], float | None]] = {
     "badnets-1": ("badnets", {}, 0.01),
     "badnets-5": ("badnets", {}, 0.05),
     "badnets-10": ("badnets", {}, 0.10),
+    "badnets-10-white": ("badnets", {"trigger_kind": "white"}, 0.10),  # flat: the stamped-window test skips it
+    "badnets-10-blend-0.5": ("badnets", {"opacity": 0.5}, 0.10),  # half-transparent: no exact window
     "clean_label-5": ("clean_label_backdoor", {"eps": 16 / 255}, 0.05),
     "clean_label-10": ("clean_label_backdoor", {"eps": 16 / 255}, 0.10),
 }
