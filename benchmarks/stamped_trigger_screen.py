@@ -36,6 +36,10 @@ VARIANTS = {
     "badnets-5-random-place": ("badnets", {"location": "random"}, 0.05),
     "badnets-5-random-trigger": ("badnets", {"trigger_kind": "random"}, 0.05),
     "badnets-5-white": ("badnets", {"trigger_kind": "white"}, 0.05),
+    "badnets-1-white": ("badnets", {"trigger_kind": "white"}, 0.01),
+    "badnets-10-white": ("badnets", {"trigger_kind": "white"}, 0.10),
+    "badnets-5-white-top-left": ("badnets", {"trigger_kind": "white", "location": "top_left"}, 0.05),
+    "badnets-5-white-random-place": ("badnets", {"trigger_kind": "white", "location": "random"}, 0.05),
     "badnets-5-blend-0.5": ("badnets", {"opacity": 0.5}, 0.05),
     "clean_label-5-stamp-only": ("clean_label_backdoor", {"perturb": False}, 0.05),
 }
@@ -65,7 +69,9 @@ def row_for(name: str, seed: int, images, labels, is_poison) -> dict:
     either = out["noise"] | out["stamped"]
     row = {"variant": name, "seed": seed, "poisons": int(is_poison.sum()),
            "cpu_s": {k: round(v, 2) for k, v in out["cpu_s"].items()},
-           "patterns_applied": out["info"]["applied"], "groups": out["info"]["groups"][:3]}
+           "patterns_applied": out["info"]["applied"], "groups": out["info"]["groups"][:3],
+           "flat_applied": out["info"]["flat"].get("applied"), "flat_groups": out["info"]["flat"]["groups"][:3],
+           "flat_flagged": out["info"]["flat"].get("flagged")}
     for key, flags in (("noise_floor", out["noise"]), ("patterns", out["stamped"]), ("screen", either)):
         row[key] = {"recall": proportion(int(flags[is_poison].sum()), int(is_poison.sum())),
                     "clean_flagged": int(flags[~is_poison].sum())}

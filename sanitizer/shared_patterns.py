@@ -15,11 +15,21 @@ the other classes do. Under the null the class holds its share of the window's o
 conservative floor). Flagged when ``w ≥ min_group`` and the tail probability is below ``alpha``
 divided by the number of (window, class) pairs tested (Bonferroni).
 
+**Flat triggers** (a white or black square) have no texture, and flat windows repeat everywhere in nature
+(sky, saturated areas), so they get a test of their own, by *position*: a flat window counts only where it
+is *isolated* (each side of the ring of pixels around it has one that differs from it by ``MIN_CONTRAST``
+grey levels in some channel, as around a stamped square on a natural background and not inside or along
+the edge of a patch of sky), and it is keyed by its exact pixels *and* its position. The same class-share
+test then runs on these keys. A flat trigger placed at a random position is not covered (measured on
+CIFAR-10 in ``benchmarks/RESULTS.md``, "flat triggers").
+
 Where exact windows repeat naturally (tiny or coarsely quantised images such as scikit-learn's 8×8
 digits, where strokes repeat within a class), a shared window is no evidence: when more than
-``max_repeat_rate`` of the textured windows occur in two or more images, the test is not applied and
-the result says so. Not covered: blended triggers (opacity < 1), triggers smaller than the window, and
-poisons JPEG-compressed after stamping (the window is no longer exact).
+``max_repeat_rate`` of the windows occur in two or more images (not counting the windows seen in
+``min_group`` or more, the candidate groups themselves), the test is not applied and
+the result says so (each test checks its own keys). Not covered: blended triggers (opacity < 1), triggers
+smaller than the window, flat triggers at random positions, and poisons JPEG-compressed after stamping (the
+window is no longer exact).
 
 Example:
     >>> import torch
@@ -56,6 +66,14 @@ _MIX = torch.from_numpy(_RNG.integers(1, 2**62, size=6) | 1)
 _BUCKETS = 22  # bits of the hash used to pre-select the windows that may belong to a repeated one
 
 
+def _hash_windows(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """64-bit hashes (int64, wrapping) of the rows of ``windows`` [b, L, values], cut from the 8-bit batch ``x``."""
+    exact_in_float32 = x.abs().max() <= 255 and windows.shape[2] * 255 * 2**11 < 2**24  # up to 32 values
+    weights = _SMALL if exact_in_float32 else _LARGE
+    projected = (windows.to(weights.dtype) @ weights[:windows.shape[2]]).to(torch.int64)
+    return (projected * _MIX[:projected.shape[2]]).sum(2)  # wraps modulo 2**64
+
+
 def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
                 first_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(keys uint64, image int32)``: a 64-bit hash of every textured ``window``×``window``×C window of
@@ -68,13 +86,55 @@ def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = 
         x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
         windows = F.unfold(x, window).transpose(1, 2)  # [b, L, C·w·w]
         textured = (windows.amax(2) - windows.amin(2)) >= min_contrast
-        exact_in_float32 = x.abs().max() <= 255 and windows.shape[2] * 255 * 2**11 < 2**24  # up to 32 values
-        weights = _SMALL if exact_in_float32 else _LARGE
-        projected = (windows.to(weights.dtype) @ weights[:windows.shape[2]]).to(torch.int64)
-        hashed = (projected * _MIX[:projected.shape[2]]).sum(2)  # wraps modulo 2**64
+        hashed = _hash_windows(x, windows)
         rows, _ = textured.nonzero(as_tuple=True)
         keys.append(hashed[textured].numpy().view(np.uint64))
         owners.append((rows + first_index + start).to(torch.int32).numpy())
+    if not keys:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
+    return np.concatenate(keys), np.concatenate(owners)
+
+
+def flat_window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
+                     first_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys uint64, image int32)`` like :func:`window_keys`, for the *isolated flat* windows: every value
+    within ``min_contrast`` grey levels of every other (over all channels), and bounded on all four sides: each
+    side of the ring of pixels around the window (outside the image counts as different) has a pixel that
+    differs from the window's mean by ``min_contrast`` or more in some channel. A stamped square on a natural
+    background is; a window inside or along the edge of a larger flat region (sky) is not. The key includes
+    the window's position."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    keys, owners = [], []
+    w = window
+    # the ring's four sides without its corners (a corner pixel would let a flat region's corner window pass)
+    sides = [[(0, d) for d in range(1, w + 1)], [(w + 1, d) for d in range(1, w + 1)],  # top, bottom,
+             [(d, 0) for d in range(1, w + 1)], [(d, w + 1) for d in range(1, w + 1)]]  # left, right
+    for start in range(0, len(images), 256):
+        x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
+        high = F.max_pool2d(x, w, stride=1).amax(1)  # [b, H-w+1, W-w+1]
+        low = -F.max_pool2d(-x, w, stride=1).amax(1)
+        flat = (high - low) < min_contrast
+        if not flat.any():
+            continue
+        mean = F.avg_pool2d(x, w, stride=1)  # [b, C, H-w+1, W-w+1]
+        padded = F.pad(x, (1, 1, 1, 1), value=-1e4)  # outside the image: unlike anything
+        rows, cols = mean.shape[2], mean.shape[3]
+        bounded = flat.clone()
+        for side in sides:
+            differs = torch.zeros_like(flat)
+            for dy, dx in side:
+                differs |= ((padded[:, :, dy:dy + rows, dx:dx + cols] - mean).abs() >= min_contrast).any(1)
+            bounded &= differs
+        chosen = bounded.flatten(1)  # [b, L] in unfold's order
+        if not chosen.any():
+            continue
+        windows = F.unfold(x, w).transpose(1, 2)  # [b, L, C·w·w]
+        position = torch.arange(windows.shape[1], dtype=torch.int64)
+        hashed = _hash_windows(x, windows) * 1_000_003 + position  # the same pixels elsewhere are another key
+        image_rows, _ = chosen.nonzero(as_tuple=True)
+        keys.append(hashed[chosen].numpy().view(np.uint64))
+        owners.append((image_rows + first_index + start).to(torch.int32).numpy())
     if not keys:
         return np.zeros(0, np.uint64), np.zeros(0, np.int32)
     return np.concatenate(keys), np.concatenate(owners)
@@ -96,7 +156,8 @@ def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndar
     ordered = np.sort(keys)
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     per_key = np.diff(np.r_[starts, len(ordered)])  # occurrences (an image may hold a window twice)
-    repeat_rate = float((per_key >= 2).mean())
+    light = per_key < min_group  # natural repetition is measured on the keys that are not candidate groups
+    repeat_rate = float((per_key[light] >= 2).mean()) if light.any() else 0.0
     info = {"repeat_rate": repeat_rate, "windows": int(len(starts)), "groups": []}
     if repeat_rate > max_repeat_rate:
         return flagged, {**info, "applied": False,
@@ -147,6 +208,7 @@ class WindowCollector:
     def __init__(self, max_windows: int = MAX_WINDOWS) -> None:
         self.max_windows = max_windows
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.flat_parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.count = 0
         self.overflow = False
 
@@ -154,19 +216,29 @@ class WindowCollector:
         if self.overflow:
             return
         part = window_keys(images, first_index=first_index)
-        self.count += len(part[0])
+        flat = flat_window_keys(images, first_index=first_index)
+        self.count += len(part[0]) + len(flat[0])
         if self.count > self.max_windows:
-            self.overflow, self.parts = True, []
+            self.overflow, self.parts, self.flat_parts = True, [], []
             return
         self.parts.append(part)
+        self.flat_parts.append(flat)
 
     def decide(self, labels: np.ndarray) -> tuple[np.ndarray, dict]:
         if self.overflow:
             return np.zeros(len(labels), dtype=bool), {
                 "applied": False, "groups": [],
                 "reason": f"more than {self.max_windows:,} textured windows: too large to hash in memory"}
-        keys = np.concatenate([k for k, _ in self.parts]) if self.parts else np.zeros(0, np.uint64)
-        owners = np.concatenate([o for _, o in self.parts]) if self.parts else np.zeros(0, np.int32)
-        self.parts = []
-        flagged, info = shared_pattern_outliers(keys, owners, labels)
-        return flagged, {**info, "flagged": int(flagged.sum())}
+        flagged, info = shared_pattern_outliers(*_joined(self.parts), labels)
+        flat, flat_info = shared_pattern_outliers(*_joined(self.flat_parts), labels)
+        self.parts, self.flat_parts = [], []
+        flagged |= flat
+        flat_info["flagged"] = int(flat.sum())
+        return flagged, {**info, "flagged": int(flagged.sum()), "flat": flat_info}
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and owners of a collector's batches, concatenated."""
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
+    return np.concatenate([k for k, _ in parts]), np.concatenate([o for _, o in parts])

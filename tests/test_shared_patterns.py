@@ -99,3 +99,46 @@ def test_wide_windows_and_normalised_pixels_hash_exactly():
     normalised = (images - 0.5) / 0.2
     flagged, _ = shared_pattern_outliers(*window_keys(normalised), labels.numpy())
     assert set(np.flatnonzero(flagged)) == set(planted)
+
+
+def white_squares(location: str = "bottom_right", per_class=(12, 0, 0, 0), n: int = 400):
+    """Textured photos with a flat white 3x3 trigger stamped on ``per_class[c]`` images of each class c."""
+    images, labels = photos(n), torch.arange(n) % 4
+    chosen = np.concatenate([np.flatnonzero(labels.numpy() == c)[:k] for c, k in enumerate(per_class)])
+    idx = torch.from_numpy(chosen)
+    images[idx] = stamp_trigger(images[idx], make_trigger(3, 3, "white"), location, 1,
+                                torch.Generator().manual_seed(0))
+    return images, labels, chosen
+
+
+def test_a_flat_white_square_at_one_place_in_one_class_is_flagged_and_the_textured_test_misses_it():
+    images, labels, planted = white_squares()
+    textured, _ = shared_pattern_outliers(*window_keys(images), labels.numpy())
+    assert not textured[planted].any()  # no texture: the textured-window test cannot see it
+    collector = WindowCollector()
+    collector(images, 0)
+    flagged, info = collector.decide(labels.numpy())
+    assert set(np.flatnonzero(flagged)) == set(planted)
+    assert info["flat"]["applied"] and info["flat"]["flagged"] == len(planted)
+    assert info["flat"]["groups"][0]["class"] == 0
+
+
+def test_flat_squares_every_class_shares_or_at_random_places_are_not_flagged():
+    collector = WindowCollector()
+    collector(white_squares(per_class=(10, 10, 10, 10))[0], 0)  # a watermark on every class
+    assert not collector.decide((torch.arange(400) % 4).numpy())[0].any()
+    images, labels, _ = white_squares(location="random")  # no shared position: not covered, by design
+    collector = WindowCollector()
+    collector(images, 0)
+    assert not collector.decide(labels.numpy())[0].any()
+
+
+def test_a_flat_region_is_not_an_isolated_window():
+    from sanitizer.shared_patterns import flat_window_keys
+
+    images = photos(20)
+    images[:10, :, 4:12, 4:12] = 1.0  # white sky over a quarter of ten images: flat, but no window is bounded
+    assert len(flat_window_keys(images)[0]) == 0
+    images, _, planted = white_squares(per_class=(3, 0, 0, 0), n=8)
+    keys, owners = flat_window_keys(images)
+    assert set(owners.tolist()) == set(planted.tolist()) and len(set(keys.tolist())) == 1
