@@ -79,65 +79,56 @@ def window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = 
     """``(keys uint64, image int32)``: a 64-bit hash of every textured ``window``×``window``×C window of
     every image (pixels quantised to 8 bits; images in [0, 1], values outside are kept, not clipped) and
     the index of the image it came from (``first_index`` + position in ``images``)."""
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    keys, owners = [], []
-    for start in range(0, len(images), 256):
-        x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
-        windows = F.unfold(x, window).transpose(1, 2)  # [b, L, C·w·w]
-        textured = (windows.amax(2) - windows.amin(2)) >= min_contrast
-        hashed = _hash_windows(x, windows)
-        rows, _ = textured.nonzero(as_tuple=True)
-        keys.append(hashed[textured].numpy().view(np.uint64))
-        owners.append((rows + first_index + start).to(torch.int32).numpy())
-    if not keys:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
-    return np.concatenate(keys), np.concatenate(owners)
+    return all_window_keys(images, window, min_contrast, first_index)[0]
 
 
 def flat_window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
                      first_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(keys uint64, image int32)`` like :func:`window_keys`, for the *isolated flat* windows: every value
     within ``min_contrast`` grey levels of every other (over all channels), and bounded on all four sides: each
-    side of the ring of pixels around the window (outside the image counts as different) has a pixel that
-    differs from the window's mean by ``min_contrast`` or more in some channel. A stamped square on a natural
-    background is; a window inside or along the edge of a larger flat region (sky) is not. The key includes
-    the window's position."""
+    side of the ring of pixels around the window (corners left out; outside the image counts as different) has
+    a pixel that differs from the window's mean by ``min_contrast`` or more in some channel. A stamped square
+    on a natural background is; a window inside or along the edge of a larger flat region (sky) is not. The
+    key includes the window's position."""
+    return all_window_keys(images, window, min_contrast, first_index)[1]
+
+
+def all_window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: int = MIN_CONTRAST,
+                    first_index: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``(textured, flat)``: :func:`window_keys` and :func:`flat_window_keys` from one pass over the windows."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    keys, owners = [], []
     w = window
-    # the ring's four sides without its corners (a corner pixel would let a flat region's corner window pass)
-    sides = [[(0, d) for d in range(1, w + 1)], [(w + 1, d) for d in range(1, w + 1)],  # top, bottom,
-             [(d, 0) for d in range(1, w + 1)], [(d, w + 1) for d in range(1, w + 1)]]  # left, right
+    # ring offsets (in the image padded by 1) of the four sides, corners left out: a corner pixel would let the
+    # corner window of a larger flat region pass
+    sides = torch.tensor([[(0, d) for d in range(1, w + 1)], [(w + 1, d) for d in range(1, w + 1)],
+                          [(d, 0) for d in range(1, w + 1)], [(d, w + 1) for d in range(1, w + 1)]])  # [4, w, 2]
+    parts: tuple[list, list, list, list] = ([], [], [], [])
     for start in range(0, len(images), 256):
         x = torch.round(images[start:start + 256].detach().to("cpu", torch.float32) * 255)
-        high = F.max_pool2d(x, w, stride=1).amax(1)  # [b, H-w+1, W-w+1]
-        low = -F.max_pool2d(-x, w, stride=1).amax(1)
-        flat = (high - low) < min_contrast
-        if not flat.any():
-            continue
-        mean = F.avg_pool2d(x, w, stride=1)  # [b, C, H-w+1, W-w+1]
-        padded = F.pad(x, (1, 1, 1, 1), value=-1e4)  # outside the image: unlike anything
-        rows, cols = mean.shape[2], mean.shape[3]
-        bounded = flat.clone()
-        for side in sides:
-            differs = torch.zeros_like(flat)
-            for dy, dx in side:
-                differs |= ((padded[:, :, dy:dy + rows, dx:dx + cols] - mean).abs() >= min_contrast).any(1)
-            bounded &= differs
-        chosen = bounded.flatten(1)  # [b, L] in unfold's order
-        if not chosen.any():
-            continue
         windows = F.unfold(x, w).transpose(1, 2)  # [b, L, C·w·w]
-        position = torch.arange(windows.shape[1], dtype=torch.int64)
-        hashed = _hash_windows(x, windows) * 1_000_003 + position  # the same pixels elsewhere are another key
-        image_rows, _ = chosen.nonzero(as_tuple=True)
-        keys.append(hashed[chosen].numpy().view(np.uint64))
-        owners.append((image_rows + first_index + start).to(torch.int32).numpy())
-    if not keys:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
-    return np.concatenate(keys), np.concatenate(owners)
+        spread = windows.amax(2) - windows.amin(2)
+        hashed = _hash_windows(x, windows)
+        textured = spread >= min_contrast
+        rows, _ = textured.nonzero(as_tuple=True)
+        parts[0].append(hashed[textured].numpy().view(np.uint64))
+        parts[1].append((rows + first_index + start).to(torch.int32).numpy())
+        image, position = (spread < min_contrast).nonzero(as_tuple=True)  # flat windows: is each one bounded?
+        if len(image):
+            cols = x.shape[3] - w + 1
+            mean = windows[image, position].view(len(image), x.shape[1], w * w).mean(2)  # [m, C]
+            padded = F.pad(x, (1, 1, 1, 1), value=-1e4)  # outside the image: unlike anything
+            y0, x0 = position // cols, position % cols
+            ring = padded[image[:, None, None], :, y0[:, None, None] + sides[..., 0], x0[:, None, None] + sides[..., 1]]
+            differs = ((ring - mean[:, None, None, :]).abs() >= min_contrast).any(3)  # [m, 4, w]
+            bounded = differs.any(2).all(1)
+            image, position = image[bounded], position[bounded]
+            # the key includes the position: the same pixels elsewhere are another key
+            parts[2].append((hashed[image, position] * 1_000_003 + position).numpy().view(np.uint64))
+            parts[3].append((image + first_index + start).to(torch.int32).numpy())
+    joined = [np.concatenate(p) if p else np.zeros(0, np.uint64 if i % 2 == 0 else np.int32)
+              for i, p in enumerate(parts)]
+    return (joined[0], joined[1]), (joined[2], joined[3])
 
 
 def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndarray, min_group: int = MIN_GROUP,
@@ -215,8 +206,7 @@ class WindowCollector:
     def __call__(self, images: torch.Tensor, first_index: int) -> None:
         if self.overflow:
             return
-        part = window_keys(images, first_index=first_index)
-        flat = flat_window_keys(images, first_index=first_index)
+        part, flat = all_window_keys(images, first_index=first_index)
         self.count += len(part[0]) + len(flat[0])
         if self.count > self.max_windows:
             self.overflow, self.parts, self.flat_parts = True, [], []
