@@ -25,8 +25,7 @@ CIFAR-10 in ``benchmarks/RESULTS.md``, "flat triggers").
 
 Where exact windows repeat naturally (tiny or coarsely quantised images such as scikit-learn's 8×8
 digits, where strokes repeat within a class), a shared window is no evidence: when more than
-``max_repeat_rate`` of the windows occur in two or more images (not counting the windows seen in
-``min_group`` or more, the candidate groups themselves), the test is not applied and
+``max_repeat_rate`` of the windows occur in two or more images, the test is not applied and
 the result says so (each test checks its own keys). Not covered: blended triggers (opacity < 1), triggers
 smaller than the window, flat triggers at random positions, and poisons JPEG-compressed after stamping (the
 window is no longer exact).
@@ -132,7 +131,7 @@ def all_window_keys(images: torch.Tensor, window: int = WINDOW, min_contrast: in
 
 
 def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndarray, min_group: int = MIN_GROUP,
-                            alpha: float = ALPHA, max_repeat_rate: float = MAX_REPEAT_RATE
+                            alpha: float = ALPHA, max_repeat_rate: float = MAX_REPEAT_RATE, kind: str = "textured"
                             ) -> tuple[np.ndarray, dict]:
     """(flagged bool [N], info) from :func:`window_keys`'s output: the images that carry a window
     over-represented in their class (see the module docstring). ``info`` holds the repeat rate, whether
@@ -143,16 +142,15 @@ def shared_pattern_outliers(keys: np.ndarray, image: np.ndarray, labels: np.ndar
     n = len(labels)
     flagged = np.zeros(n, dtype=bool)
     if len(keys) == 0:
-        return flagged, {"applied": False, "reason": "no textured windows", "groups": []}
+        return flagged, {"applied": False, "reason": f"no {kind} windows", "groups": []}
     ordered = np.sort(keys)
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     per_key = np.diff(np.r_[starts, len(ordered)])  # occurrences (an image may hold a window twice)
-    light = per_key < min_group  # natural repetition is measured on the keys that are not candidate groups
-    repeat_rate = float((per_key[light] >= 2).mean()) if light.any() else 0.0
+    repeat_rate = float((per_key >= 2).mean())
     info = {"repeat_rate": repeat_rate, "windows": int(len(starts)), "groups": []}
     if repeat_rate > max_repeat_rate:
         return flagged, {**info, "applied": False,
-                         "reason": f"{repeat_rate:.1%} of the textured windows repeat between images (above "
+                         "reason": f"{repeat_rate:.1%} of the {kind} windows repeat between images (above "
                                    f"{max_repeat_rate:.0%}): shared windows are no evidence on these images"}
     info["applied"] = True
     heavy = ordered[starts[per_key >= min_group]]
@@ -220,7 +218,7 @@ class WindowCollector:
                 "applied": False, "groups": [],
                 "reason": f"more than {self.max_windows:,} textured windows: too large to hash in memory"}
         flagged, info = shared_pattern_outliers(*_joined(self.parts), labels)
-        flat, flat_info = shared_pattern_outliers(*_joined(self.flat_parts), labels)
+        flat, flat_info = shared_pattern_outliers(*_joined(self.flat_parts), labels, kind="flat")
         self.parts, self.flat_parts = [], []
         flagged |= flat
         flat_info["flagged"] = int(flat.sum())
