@@ -72,11 +72,11 @@ class Harvester:
         if not module.training or not torch.is_grad_enabled() or self.broken or self._order is None:
             return
         if module is not self._layer:  # a replica (nn.DataParallel): chunks of a batch arrive from threads
-            self.stop("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
+            self._break("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
             return
         h = inputs[0]
         if h.ndim != 2 or output.ndim != 2:
-            self.stop(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
+            self._break(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
             return
         self._buffer.append((h.detach().float().cpu(), output.detach().float().cpu()))
 
@@ -97,7 +97,7 @@ class Harvester:
         if self.broken or self._order is None:
             return
         if len(h) > len(self._order):
-            self.stop(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
+            self._break(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
                         "indices (more than one training forward per batch, or a second training loader?)")
             return
         if self.h is None:
@@ -108,8 +108,7 @@ class Harvester:
         self.z[index] = z
         self.seen_epoch[self._order[:len(h)]] = self._epoch
 
-    def stop(self, reason: str) -> None:
-        """Stop trusting harvested rows for the rest of training (warns once); rounds use a pass."""
+    def _break(self, reason: str) -> None:
         self.broken = reason
         self._buffer.clear()
         warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate pass "
