@@ -27,6 +27,8 @@ from sanitizer import Sanitizer
 from sanitizer.progress import log
 from sanitizer.train import train_classifier
 
+CLEAN = "clean"  # no attack: the poison-free run (AUROCs are None), for what the label side's gate sees on clean data
+
 
 def paired_hook(is_poison: np.ndarray, rounds: list[dict]):
     """A round hook scoring the separate pass beside the harvested embedding of the same round."""
@@ -44,7 +46,8 @@ def paired_hook(is_poison: np.ndarray, rounds: list[dict]):
             s = sel.scores
             row[name] = {"auroc": auroc(s[poison], s[~poison]),
                          "auroc_in_class": auroc(s[poison & in_poison_classes], s[~poison & in_poison_classes]),
-                         "would_drop": int((~sel.keep).sum()), "poisons": int((~sel.keep & poison).sum())}
+                         "would_drop": int((~sel.keep).sum()), "poisons": int((~sel.keep & poison).sum()),
+                         "label_side": sel.info.get("label_side")}
         both, either = (~passed.keep & ~selection.keep).sum(), (~passed.keep | ~selection.keep).sum()
         row["drop_jaccard"] = float(both / either) if either else None
         rounds.append(row)
@@ -60,22 +63,24 @@ def run(out: Path, attacks: list[str], seeds: list[int], epochs: int, policy: st
         for seed in seeds:
             if (attack, seed) in done:
                 continue
-            poisons = exp.craft(attack, seed)
-            data = poisons.apply(exp.train)
             is_poison = np.zeros(len(exp.train), dtype=bool)
-            is_poison[poisons.indices] = True
+            if attack == CLEAN:
+                data, budget = exp.train, 0
+            else:
+                poisons = exp.craft(attack, seed)
+                data, budget = poisons.apply(exp.train), len(poisons)
+                is_poison[poisons.indices] = True
             model = exp.new_model(seed)
             rounds: list[dict] = []
             sanitizer = Sanitizer(model, data, policy=policy, epochs=epochs, audit=True, harvest=True, seed=seed,
                                   round_hooks=[paired_hook(is_poison, rounds)], verbose=False)
             train_classifier(model, data, exp.config(seed), sanitizer=sanitizer, desc=f"{attack} {seed}")
-            row = {"attack": attack, "seed": seed, "policy": policy, "epochs": epochs, "budget": len(poisons),
+            row = {"attack": attack, "seed": seed, "policy": policy, "epochs": epochs, "budget": budget,
                    "rounds": rounds, **state, "date": time.strftime("%Y-%m-%d %H:%M")}
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             log(f"[harvest_study] {attack} seed {seed}: " + "; ".join(
-                f"epoch {r['epoch']} AUROC harvest {r['harvest']['auroc']:.3f} pass {r['pass']['auroc']:.3f}"
-                for r in rounds))
+                f"epoch {r['epoch']} AUROC harvest {r['harvest']['auroc']} pass {r['pass']['auroc']}" for r in rounds))
 
 
 def summary(path: Path) -> str:
@@ -87,14 +92,35 @@ def summary(path: Path) -> str:
         group = [r for r in rows if r["attack"] == attack]
         for i, first in enumerate(group[0]["rounds"]):
             per = [r["rounds"][i] for r in group if len(r["rounds"]) > i]
-            h = np.array([p["harvest"]["auroc"] for p in per])
-            s = np.array([p["pass"]["auroc"] for p in per])
+            h = np.array([p["harvest"]["auroc"] for p in per], dtype=float)
+            s = np.array([p["pass"]["auroc"] for p in per], dtype=float)
             hc = np.array([p["harvest"]["auroc_in_class"] for p in per], dtype=float)
             sc = np.array([p["pass"]["auroc_in_class"] for p in per], dtype=float)
             jac = [p["drop_jaccard"] for p in per if p["drop_jaccard"] is not None]
-            lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {h.mean():.3f} | {s.mean():.3f} | "
-                         f"{np.abs(h - s).max():.3f} | {np.nanmean(hc):.3f} | {np.nanmean(sc):.3f} | "
+            gap = np.abs(h - s)
+            largest = np.nanmax(gap) if np.isfinite(gap).any() else float("nan")
+            lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {np.nanmean(h):.3f} | "
+                         f"{np.nanmean(s):.3f} | {largest:.3f} | {np.nanmean(hc):.3f} | {np.nanmean(sc):.3f} | "
                          f"{np.mean(jac) if jac else float('nan'):.2f} |")
+    return "\n".join(lines + ["", gate_summary(rows)])
+
+
+def gate_summary(rows: list[dict]) -> str:
+    """The label side's gate ratio per (attack, round) on each embedding source: range over the runs."""
+    lines = ["| attack | round (epoch) | runs | gate ratio, harvest (min–max) | gate ratio, pass (min–max) | "
+             "opens (harvest / pass) |", "|" + "---|" * 6]
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        group = [r for r in rows if r["attack"] == attack]
+        for i, first in enumerate(group[0]["rounds"]):
+            per = [r["rounds"][i] for r in group if len(r["rounds"]) > i]
+            sides = {name: [p[name].get("label_side") for p in per] for name in ("harvest", "pass")}
+            if not all(sides["pass"]) or not all(sides["harvest"]):
+                continue  # the side does not act in this round (or the rows predate the record)
+            ratio = {name: np.array([side["gate_ratio"] for side in v]) for name, v in sides.items()}
+            opens = {name: sum(side["open"] for side in v) for name, v in sides.items()}
+            lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {ratio['harvest'].min():.2f}–"
+                         f"{ratio['harvest'].max():.2f} | {ratio['pass'].min():.2f}–{ratio['pass'].max():.2f} | "
+                         f"{opens['harvest']} / {opens['pass']} |")
     return "\n".join(lines)
 
 
@@ -110,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.summary:
-        unknown = [a for a in args.attacks.split(",") if a not in ATTACKS]
+        unknown = [a for a in args.attacks.split(",") if a not in ATTACKS and a != CLEAN]
         if unknown:
-            raise SystemExit(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
+            raise SystemExit(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}, {CLEAN}")
         run(args.out, args.attacks.split(","), parse_seeds(args.seeds), args.epochs, args.policy)
     print(summary(args.out))
 
