@@ -17,6 +17,11 @@ from sanitizer.stats import mix_seed
 class KeepSampler(Sampler[int]):
     """Yields the indices where ``keep_mask()`` is True, shuffled with ``(seed, epoch)``.
 
+    The shuffle permutes *all* indices and then skips the dropped ones, so dropping examples does not
+    reshuffle the rest: an epoch visits the kept examples in the order the run would have visited them
+    with nothing dropped. A defended run and its undefended twin (same seed) see the same sequence of
+    examples apart from the dropped ones, which keeps paired comparisons between them tight.
+
     Rank-aware like ``DistributedSampler``: with ``num_replicas > 1`` the kept indices are padded
     (by repeating from the start) to a multiple of ``num_replicas`` so every rank gets the same
     number of examples, then rank ``r`` takes every ``num_replicas``-th index starting at ``r``.
@@ -53,10 +58,13 @@ class KeepSampler(Sampler[int]):
         self.epoch = epoch
 
     def _all_indices(self) -> np.ndarray:
-        kept = np.flatnonzero(self.keep_mask())
+        mask = np.asarray(self.keep_mask(), dtype=bool)
         if self.shuffle:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            kept = kept[torch.randperm(len(kept), generator=gen).numpy()]
+            order = torch.randperm(len(mask), generator=gen).numpy()
+            kept = order[mask[order]]
+        else:
+            kept = np.flatnonzero(mask)
         if self.length is not None:
             if not len(kept):
                 raise SanitizerError("every example has been dropped; there is nothing left to train on")

@@ -33,6 +33,18 @@ def test_keep_sampler_yields_each_kept_index_once_and_never_a_dropped_one():
     assert list(s) == first  # but reproducible
 
 
+def test_dropping_examples_does_not_reshuffle_the_rest():
+    full = np.ones(200, dtype=bool)
+    defended = full.copy()
+    defended[[4, 60, 61, 150]] = False
+    for epoch in range(3):
+        twin, sampler = KeepSampler(lambda: full, seed=7), KeepSampler(lambda: defended, seed=7)
+        twin.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        undefended_order = [i for i in twin if defended[i]]
+        assert list(sampler) == undefended_order  # the twin's order with the dropped indices skipped
+
+
 def test_keep_sampler_ranks_partition_with_equal_lengths():
     mask = np.ones(23, dtype=bool)
     mask[5] = False
