@@ -22,6 +22,7 @@ from sanitizer.distributed import (
     gather_rows_by_position,
     is_distributed,
     is_main_process,
+    position_holders,
     rank,
     select_sharded,
     unwrap_model,
@@ -460,8 +461,7 @@ class Sanitizer:
         t0 = time.perf_counter()
         class_sharded = self._class_sharded()
         if class_sharded:  # each rank embeds its shard and owns some classes' kNN; no rank holds all rows
-            positions = np.arange(len(candidates))[rank()::world_size()]
-            emb = self._embed_rows(candidates[positions]) if len(positions) else torch.zeros(0, 0)
+            emb, positions = self._shard_rows(candidates)
         else:
             emb = self._embed(candidates)
         t1 = time.perf_counter()
@@ -676,11 +676,39 @@ class Sanitizer:
     def _class_sharded(self) -> bool:
         """Distributed rounds shard the classes over the ranks (:func:`~sanitizer.distributed.select_sharded`)
         when the policy decides class by class and nothing in the round needs every row on every rank: not
-        audit mode, ``keep_embeddings`` or round hooks (they read the full matrix), and not harvested rows
-        (each rank harvested the examples it trained on, which are not the interleaved shard)."""
-        harvested = self.harvester is not None and self.embedding in HARVESTABLE
-        return (self._sharded() and decides_by_class(self.policy) and not harvested and not self.audit
+        audit mode, ``keep_embeddings`` or round hooks (they read the full matrix)."""
+        return (self._sharded() and decides_by_class(self.policy) and not self.audit
                 and not self.keep_embeddings and not self.round_hooks)
+
+    def _shard_rows(self, candidates: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(this rank's rows, their positions in ``candidates``) for a class-sharded round: its interleaved
+        shard embedded by a pass or, in harvest mode, the rows it harvested (a position two ranks hold counts
+        once) plus its share of the candidates no rank harvested."""
+        if self.harvester is None or self.embedding not in HARVESTABLE:
+            positions = np.arange(len(candidates))[rank()::world_size()]
+            return (self._embed_rows(candidates[positions]) if len(positions) else torch.zeros(0, 0)), positions
+        h, z, have = self.harvester.rows(candidates, since_epoch=self.epoch)
+        check = self._check_harvest(candidates[have], z, reduce=True)
+        if not check["ok"]:
+            have[:] = False
+        holders = position_holders(np.flatnonzero(have), len(candidates))
+        mine = holders[have] == rank()  # among this rank's harvested rows, those it is the holder of
+        positions = np.flatnonzero(have)[mine]
+        parts = []
+        if len(positions):
+            take = torch.from_numpy(mine)
+            y = torch.from_numpy(self.labels[candidates[positions]])
+            parts.append(embed_outputs(z[take], y, h[take], self.embedding, self.num_classes, self.max_dim,
+                                       self.seed)[0])
+        gaps = np.flatnonzero(holders < 0)[rank()::world_size()]  # every rank knows the same gaps
+        if len(gaps):
+            parts.append(self._embed_rows(candidates[gaps]))
+        self._harvest_counts = {"harvested": int((holders >= 0).sum()), "embedded": int((holders < 0).sum()),
+                                "off": self.harvester.broken, "check": check}
+        if not parts:
+            return torch.zeros(0, 0), positions
+        dtype = parts[0].dtype
+        return torch.cat([part.to(dtype) for part in parts]), np.concatenate([positions, gaps])
 
     def _embed(self, candidates: np.ndarray, embedding_name: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, embedding_name)) if embedding_name else self._embed_rows

@@ -118,6 +118,18 @@ def gather_rows_by_position(local: torch.Tensor, positions: np.ndarray, n: int) 
     return out, filled
 
 
+def position_holders(positions: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` positions, the highest rank that holds it (−1: no rank does), on every rank.
+
+    Harvest mode under DDP: each rank holds rows for the examples it trained on, and a padded epoch gives
+    some examples to two ranks; keeping only the holder's row makes every position count once (the same
+    rule as :func:`gather_rows_by_position`). Collective: every rank must call it."""
+    holders = np.full(n, -1, dtype=np.int64)
+    for source, part in enumerate(_all_gather_uneven(torch.as_tensor(np.asarray(positions, dtype=np.int64))[:, None])):
+        holders[part[:, 0].numpy()] = source
+    return holders
+
+
 def broadcast_mask(mask: np.ndarray, src: int = 0) -> np.ndarray:
     """Rank ``src``'s boolean mask on every rank (the same length everywhere)."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)).to(_comm_device())

@@ -258,3 +258,52 @@ def test_harvest_mode_gathers_each_ranks_rows(tmp_path):
     assert not ranks[0]["class_sharded"]  # a round hook reads every row, so the round gathered them
     for r in ranks:
         torch.testing.assert_close(r["emb"], direct, rtol=1e-5, atol=1e-6)
+
+
+def _harvest_sharded_worker(rank: int, world: int, init_file: str, out_dir: str, drop_last: bool) -> None:
+    """Frozen weights (lr 0), harvest mode, the density policy and no round hook: the round shards the classes."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        dataset, _ = planted_dataset()
+        model = tiny_mlp()
+        net = DistributedDataParallel(model)
+        sanitizer = Sanitizer(net, dataset, warmup=1, every=1, seed=0, harvest=True, verbose=False)
+        loader = sanitizer.wrap(DataLoader(dataset, batch_size=LOCAL_BATCH, drop_last=drop_last,
+                                           sampler=DistributedSampler(dataset, shuffle=True, seed=0)))
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        for epoch in range(2):
+            sanitizer.start_epoch(epoch)
+            for x, y, _ in loader:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        record = sanitizer.history[-1]
+        torch.save({"keep": torch.from_numpy(sanitizer.keep.copy()), "scores": torch.from_numpy(sanitizer.last_scores),
+                    "harvest": torch.tensor([record["harvest"]["harvested"], record["harvest"]["embedded"]]),
+                    "class_sharded": torch.tensor(record["class_sharded"]), "weights": weights(model)},
+                   os.path.join(out_dir, f"harvest_sharded{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("drop_last", [False, True], ids=["padded epoch", "remainder left out"])
+def test_harvested_rounds_shard_the_classes_and_equal_one_process(tmp_path, drop_last):
+    mp.spawn(_harvest_sharded_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path), drop_last),
+             nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"harvest_sharded{r}.pt", weights_only=True) for r in range(WORLD)]
+    dataset, planted = planted_dataset()
+    assert all(bool(r["class_sharded"]) for r in ranks)
+    harvested, embedded = ranks[0]["harvest"].tolist()
+    assert harvested + embedded == len(dataset)  # a padded epoch's repeated example counts once
+    assert (embedded > 0) == drop_last  # the left-out remainder is embedded by a pass, shared by the ranks
+    model = tiny_mlp()
+    model.load_state_dict(ranks[0]["weights"])
+    reference = Sanitizer(model, dataset, warmup=1, every=1, seed=0, verbose=False)  # one process, a pass
+    reference.start_epoch(0)
+    reference.run_round(1)
+    for r in ranks:
+        assert np.array_equal(r["keep"].numpy(), reference.keep)
+        np.testing.assert_allclose(r["scores"].numpy(), reference.last_scores, rtol=1e-4, atol=1e-4)
+    assert len(set(planted) & set(np.flatnonzero(~reference.keep).tolist())) >= 4  # a round that drops (untrained)
