@@ -11,13 +11,18 @@ as dropped at the first round a rule flags it, and recall / precision are over t
 Rules (agreement = how many of the 20 nearest neighbours, all classes, cosine, carry the label):
 
 - ``one round``: agreement ≤ 1 at the round (the library's rule, gate aside);
-- ``two rounds running``: agreement ≤ 1 at this round and at the round before;
+- ``two rounds running``: agreement ≤ 1 at this round and at the round before (``the first ≤ 2``: in the
+  low-agreement mode, ≤ 2 of 20, at the round before);
 - ``mean over rounds``: mean agreement over the rounds so far ≤ 1;
 - ``+ margin``: any of the above and the mean training margin (logit of the label − largest other
   logit, harvested from the training steps of every epoch so far) below 0 (Pleiss et al.'s AUM).
 
     python -m benchmarks.label_rounds_study benchmarks/out/signals/cifar10-scratch-full_label_flip_eps16_s1000 \
         --rounds 2,5,8
+    python -m benchmarks.label_rounds_study --digits 1000-1004   # digits from scratch, with and without flips
+
+``--digits`` trains digits victims (the ``simple_attacks`` recipe, rounds at epochs 4, 6, 8, 10) under an
+audit-mode sanitizer, saves each round's eval-mode features and logits in the same layout, and scores them.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from benchmarks.label_signals_study import knn_label_shares
+from benchmarks.simple_attacks import Experiment, parse_seeds
+from sanitizer import Sanitizer
+from sanitizer.embeddings import gradient_embeddings
 from sanitizer.label_agreement import gate_ratio
+from sanitizer.train import train_classifier
+
+DIGITS_ROUNDS = [4, 6, 8, 10]
 
 K = 20
 
@@ -57,7 +69,7 @@ def study(run: Path, rounds: list[int], clean_labels: bool = False) -> list[str]
     margin_sum, margin_n = np.zeros(len(labels)), np.zeros(len(labels))
     agreeing: dict[int, np.ndarray] = {}
     margin_mean: dict[int, np.ndarray] = {}
-    for epoch in range(max(rounds) + 1):
+    for epoch in [e for e in epochs if e <= max(rounds)]:  # every recorded epoch feeds the training margin
         saved = load(run, epoch)
         m = margins(saved["train_logits"], labels) if "train_logits" in saved else np.full(len(labels), np.nan)
         seen = np.isfinite(m)
@@ -69,6 +81,8 @@ def study(run: Path, rounds: list[int], clean_labels: bool = False) -> list[str]
     rule_flags = {"one round": lambda i: agreeing[rounds[i]] <= 1,
                   "two rounds running": lambda i: (agreeing[rounds[i]] <= 1) & (
                       agreeing[rounds[i - 1]] <= 1 if i else False),
+                  "two rounds running, the first ≤ 2": lambda i: (agreeing[rounds[i]] <= 1) & (
+                      agreeing[rounds[i - 1]] <= 2 if i else False),
                   "mean over rounds": lambda i: np.mean([agreeing[r] for r in rounds[:i + 1]], 0) <= 1}
     lines = [f"{run.name}: {len(labels)} examples, {flipped.sum()} flipped; rounds at epochs {rounds}", "",
              "| round (epoch) | gate ratio R, this round | R of the mean agreement over rounds so far |",
@@ -80,7 +94,7 @@ def study(run: Path, rounds: list[int], clean_labels: bool = False) -> list[str]
              "| rule | first round used | recall | precision | clean dropped | dropped per round |",
              "|---|---|---|---|---|---|"]
     for name, flag in rule_flags.items():
-        for with_margin in (False, True):
+        for with_margin in (False, True) if margin_n.any() else (False,):  # margins need training logits
             for start in range(len(rounds)):
                 dropped = np.zeros(len(labels), dtype=bool)
                 per_round = []
@@ -97,15 +111,50 @@ def study(run: Path, rounds: list[int], clean_labels: bool = False) -> list[str]
     return lines
 
 
+def record_digits(seed: int, flips: bool, out: Path) -> Path:
+    """Train one digits victim (10 % random flips, or none) under an audit-mode sanitizer; save each round's
+    eval-mode features and logits as ``epoch{E}.npz`` beside ``labels.npy`` and ``is_poison.npy``."""
+    run = out / f"digits_{'flips' if flips else 'clean'}_s{seed}"
+    if all((run / f"epoch{e}.npz").exists() for e in DIGITS_ROUNDS):
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    exp = Experiment(12, 16, 0.05, None, Path("benchmarks/out/simple_attacks"))
+    flipped = np.zeros(len(exp.train), dtype=bool)
+    data = exp.train
+    if flips:
+        poisons = exp.craft("label_flip", seed)
+        data = poisons.apply(exp.train)
+        flipped[poisons.indices] = True
+    np.save(run / "labels.npy", data.labels.numpy())
+    np.save(run / "is_poison.npy", flipped)
+
+    def save(s, epoch, candidates, emb, selection):
+        np.savez(run / f"epoch{epoch}.npz", features=gradient_embeddings(s.model, data, embedding="features").numpy(),
+                 logits=gradient_embeddings(s.model, data, embedding="logits").numpy())
+
+    model = exp.new_model(seed)
+    sanitizer = Sanitizer(model, data, epochs=12, audit=True, round_hooks=[save], verbose=False, seed=seed)
+    train_classifier(model, data, exp.config(seed), sanitizer=sanitizer, desc=f"digits {seed}")
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a --record-signals folder with label flips")
+    parser.add_argument("run", type=Path, nargs="?", help="a --record-signals folder with label flips")
+    parser.add_argument("--digits", default=None, help="digits tuning seeds instead of a folder, e.g. 1000-1004")
     parser.add_argument("--rounds", default="2,5,8", help="epochs at which the sanitizer's rounds run")
     parser.add_argument("--clean-labels", action="store_true",
                         help="the run's poisons keep their labels (e.g. gradient matching): score the clean cost only")
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)
-    print("\n".join(study(args.run, [int(r) for r in args.rounds.split(",")], args.clean_labels)))
+    torch.set_num_threads(1)
+    if args.digits:
+        for seed in parse_seeds(args.digits):
+            for flips in (True, False):
+                run = record_digits(seed, flips, Path("benchmarks/out/label_rounds"))
+                print("\n".join(study(run, DIGITS_ROUNDS, clean_labels=not flips)), "\n", flush=True)
+    if args.run:
+        print("\n".join(study(args.run, [int(r) for r in args.rounds.split(",")], args.clean_labels)))
 
 
 if __name__ == "__main__":

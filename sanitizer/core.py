@@ -465,7 +465,7 @@ class Sanitizer:
         else:
             emb = self._embed(candidates)
         t1 = time.perf_counter()
-        self.policy.start_round(len(gradient_rounds(self.history)))
+        self.policy.start_round(len(gradient_rounds(self.history)), candidates)
         if class_sharded:  # every rank gathers the same keep flags and scores
             selection = select_sharded(self.policy, emb, positions, self.labels[candidates],
                                        num_classes=self.num_classes, seed=self._round_seed(epoch))
@@ -605,7 +605,7 @@ class Sanitizer:
             embedding_name = policy.embedding or self.embedding
             if embedding_name not in embeddings:
                 embeddings[embedding_name] = self._embed(candidates, embedding_name)
-            policy.start_round(len(self.history))
+            policy.start_round(len(self.history), candidates)
             sel = policy.select(embeddings[embedding_name], labels, num_classes=self.num_classes,
                                 seed=self._round_seed(epoch))
             decisions[label] = (embedding_name, sel)
@@ -879,7 +879,7 @@ class Sanitizer:
         """Everything needed to resume: the keep mask, the history and the epoch (tensors and plain types)."""
         return {"version": STATE_VERSION, "size": self.size, "keep": torch.from_numpy(self.keep.copy()),
                 "history": [dict(r) for r in self.history], "epoch": self.epoch, "seed": self.seed,
-                "policy": self.policy.name,
+                "policy": self.policy.name, "policy_state": self.policy.state_dict(),
                 "audit_scores": {f"{e}:{p}": torch.from_numpy(v.copy()) for (e, p), v in self.audit_scores.items()},
                 **({"harvest": self.harvester.state_dict()} if self.harvester is not None else {})}
 
@@ -897,6 +897,7 @@ class Sanitizer:
         self.epoch = _state_int(state, "epoch", -1)
         self._adopt_seed(_state_int(state, "seed", -(2**63)))
         self.audit_scores = self._state_audit_scores(state.get("audit_scores", {}))
+        self.policy.load_state_dict(state.get("policy_state") or {})  # older states have none
         if self.harvester is not None and state.get("harvest") is not None:
             self.harvester.load_state_dict(state["harvest"])
         self._samplers.set_epoch(max(self.epoch, 0))

@@ -63,17 +63,24 @@ def gate_ratio(agreement: np.ndarray) -> float:
 
 
 def mislabelled(features: np.ndarray, labels: np.ndarray, k: int = 10, gate: float = 1.0, backend: str = "auto",
-                label_probability: np.ndarray | None = None,
-                max_probability: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                label_probability: np.ndarray | None = None, max_probability: float | None = None,
+                confirmed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(flagged bool [n], agreement [n], info): the examples with at most one agreeing neighbour, flagged
     only when the gate ratio exceeds ``gate`` (else none). With ``max_probability``, an example is flagged
-    only if the model also gives its label (``label_probability``, [n]) less than that probability."""
+    only if the model also gives its label (``label_probability``, [n]) less than that probability. With
+    ``confirmed`` (bool [n]: the examples in the low-agreement mode, agreement ≤ :data:`LOW_AGREEMENT`, in the
+    previous round), only those can be flagged: a flipped label stays wrong from round to round, a clean image
+    near a class boundary often does not (``info["unconfirmed"]`` counts the ones spared)."""
     agreeing, k = _agreeing_neighbours(features, labels, k, backend)
     agreement = agreeing / k
     ratio = gate_ratio(agreement)
     flagged = (agreeing <= MAX_AGREEING) & (ratio > gate)
     info = {"gate_ratio": round(ratio, 4), "gate": gate, "open": bool(ratio > gate),
             "low_agreement": int((agreement <= LOW_AGREEMENT).sum())}
+    if confirmed is not None:
+        unconfirmed = flagged & ~np.asarray(confirmed, dtype=bool)
+        info["unconfirmed"] = int(unconfirmed.sum())
+        flagged &= ~unconfirmed
     if max_probability is not None and label_probability is not None:
         spared = flagged & (np.asarray(label_probability) >= max_probability)
         info["spared_by_the_model"] = int(spared.sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,9 +99,18 @@ class Policy:
                       num_classes: int) -> None:
         """After the class-by-class decision, look across classes and update ``selection`` in place."""
 
-    def start_round(self, index: int) -> None:
-        """Called by the Sanitizer before round ``index`` (0-based) is selected; policies whose
-        decision depends on the stage of training override it."""
+    def start_round(self, index: int, candidates: np.ndarray | None = None) -> None:
+        """Called by the Sanitizer before round ``index`` (0-based) is selected, with the dataset indices of
+        the rows it will pass (``candidates``); policies whose decision depends on the stage of training, or
+        on what earlier rounds saw of the same examples, override it."""
+
+    def state_dict(self) -> dict:
+        """What the policy remembers between rounds, for a checkpoint (tensors and plain types); most
+        policies remember nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`."""
 
     def select_class(self, x: np.ndarray, label: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """Return (positions to drop within the class, scores, info) for one class."""

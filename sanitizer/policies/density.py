@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import torch
 
 from sanitizer.errors import check_flag, check_fraction, check_positive_int, check_threshold
-from sanitizer.label_agreement import mislabelled
+from sanitizer.label_agreement import LOW_AGREEMENT, mislabelled
 from sanitizer.neighbors import (
     EXACT_LIMIT,
     check_backend,
@@ -67,7 +70,10 @@ class DensityPolicy(Policy):
     ``label_start_round`` (the second) on, once the features are past the first epochs. It needs the
     features, so it runs on the explicit last-layer embedding (the default), whose rows factor as
     softmax error ⊗ [features; 1]; with other embeddings it is skipped and the round's info says so. It is not bound by
-    ``max_fraction`` (10 % flipped labels would hide behind a 5 % cap), only by half of each class.
+    ``max_fraction`` (10 % flipped labels would hide behind a 5 % cap), only by half of each class. With
+    ``label_confirm`` (the default) an example is flagged only if it was also in the low-agreement mode in the
+    round before (the Sanitizer passes the rows' dataset indices to :meth:`start_round`; the round before the
+    first acting one only gathers this evidence): a flipped label stays wrong, natural confusion comes and goes.
 
     **The isolation gate** (``isolation_gate=True``, the default): the isolation side drops in full only in
     classes whose isolated tail stands out among the classes (:meth:`gate_classes`), a group of poisons in one
@@ -88,12 +94,14 @@ class DensityPolicy(Policy):
                  dense_threshold: float | None = None, dense_rounds: int | None = 1, screen: bool = True,
                  screen_threshold: float = 3.5, screen_patterns: bool = True, label_side: bool = True,
                  label_k: int = 20, label_gate: float = 1.0, label_start_round: int = 1,
-                 label_max_probability: float | None = None, isolation_gate: bool = True) -> None:
+                 label_max_probability: float | None = None, isolation_gate: bool = True,
+                 label_confirm: bool = True) -> None:
         k = check_positive_int(k, "k")
         self.label_side = check_flag(label_side, "label_side")
         self.label_k = check_positive_int(label_k, "label_k")
         self.label_gate = check_threshold(label_gate, "label_gate")
         self.label_start_round = check_positive_int(label_start_round, "label_start_round", 0)
+        self.label_confirm = check_flag(label_confirm, "label_confirm")
         self.label_max_probability = None if label_max_probability is None else check_fraction(
             label_max_probability, "label_max_probability")
         self.screen = check_flag(screen, "screen")
@@ -114,9 +122,20 @@ class DensityPolicy(Policy):
         # None: the dense side acts in every round
         self.dense_rounds = None if dense_rounds is None else check_positive_int(dense_rounds, "dense_rounds", 0)
         self._round = 0
+        self._ids: np.ndarray | None = None  # the dataset indices of this round's rows, when the caller gives them
+        self._label_low: np.ndarray | None = None  # indices in the low-agreement mode last round
 
-    def start_round(self, index: int) -> None:
+    def start_round(self, index: int, candidates: np.ndarray | None = None) -> None:
         self._round = int(index)
+        self._ids = None if candidates is None else np.asarray(candidates, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        """The label side's memory of the last round (for a checkpoint; see :meth:`Policy.state_dict`)."""
+        return {} if self._label_low is None else {"label_low": torch.from_numpy(self._label_low.copy())}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        low = state.get("label_low")
+        self._label_low = None if low is None else torch.as_tensor(low).numpy().astype(np.int64)
 
     def dense_side_active(self) -> bool:
         return self.two_sided and (self.dense_rounds is None or self._round < self.dense_rounds)
@@ -161,8 +180,8 @@ class DensityPolicy(Policy):
         """``[softmax error (num_classes) | penultimate features]`` of each row (from the last-layer embedding's
         factors) when the label side acts this round; ``[n, 0]`` when it should but the rows are not last-layer
         gradients."""
-        if not self.label_side or self._round < self.label_start_round:
-            return None
+        if not self.label_side or self._round < self.label_start_round - int(self.label_confirm):
+            return None  # (with label_confirm the round before the first acting one gathers evidence)
         factors = outer_product_factors(x, num_classes) if len(x) > 1 else None
         if factors is None:
             return np.zeros((len(x), 0), np.float32)
@@ -179,8 +198,18 @@ class DensityPolicy(Policy):
         y = np.asarray(labels)
         error, feats = features[:, :num_classes], features[:, num_classes:]
         p_label = 1.0 + error[np.arange(len(y)), y]  # the model's probability of the given label
+        ids = self._ids if self._ids is not None and len(self._ids) == len(y) else None
+        confirmed = None  # without a previous round (or without dataset indices) one round decides
+        if self.label_confirm and ids is not None and self._label_low is not None:
+            confirmed = np.isin(ids, self._label_low)
         flagged, agreement, info = mislabelled(feats, y, self.label_k, self.label_gate, self.backend,
-                                               p_label, self.label_max_probability)
+                                               p_label, self.label_max_probability, confirmed)
+        if ids is not None:
+            self._label_low = np.sort(ids[agreement <= LOW_AGREEMENT])  # the low mode, for the next round
+        if self._round < self.label_start_round:  # evidence for the next round's confirmation only
+            selection.info["label_side"] = {"open": False, "evidence_only": True, "gate_ratio": info["gate_ratio"],
+                                            "low_agreement": info["low_agreement"]}
+            return
         dropped = 0
         for c in np.unique(y[flagged]):
             members = np.flatnonzero(y == c)

@@ -47,7 +47,7 @@ class RandomPolicy(Policy):
         self.counts = None if counts is None else [check_positive_int(c, "counts[]", 0) for c in counts]
         self._round = 0
 
-    def start_round(self, index: int) -> None:
+    def start_round(self, index: int, candidates: np.ndarray | None = None) -> None:
         self._round = int(index)
 
     def select(self, embeddings, labels, num_classes=None, seed=0) -> Selection:
