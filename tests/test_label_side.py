@@ -176,3 +176,35 @@ def test_the_label_sides_memory_travels_in_the_sanitizer_state():
     assert np.array_equal(resumed.policy._label_low, sanitizer.policy._label_low)
     del state["policy_state"]  # a state saved before the label side had a memory still loads
     Sanitizer(tiny_mlp(seed=0), data, warmup=0, every=1, verbose=False, seed=0).load_state_dict(state)
+
+
+def test_once_open_the_gate_stays_open_for_the_flips_the_first_open_round_could_not_confirm():
+    """Dropping the flips lowers the gate ratio; the flips still waiting for their confirmation are dropped in
+    the next round anyway, while a run whose gate never opened stays closed."""
+    x, labels, flipped = last_layer_rows(separation=4.0, flip_rate=0.1)
+    ids = np.arange(len(labels))
+    late = np.flatnonzero(flipped)[:6]  # flips that looked like their label in round 0 (a clean row of it)
+    donors = [np.flatnonzero(~flipped & (labels == labels[i]))[j] for j, i in enumerate(late)]
+    round0 = x.copy()
+    round0[late] = x[donors]
+    policy = DensityPolicy()
+    policy.start_round(0, ids)
+    policy.select(round0, labels)
+    policy.start_round(1, ids)
+    first = policy.select(x, labels)
+    isolation_only = DensityPolicy(label_side=False).select(x, labels).keep
+    assert first.info["label_side"]["open"]
+    waiting = late[first.keep[late] & isolation_only[late]]  # unconfirmed (some are gross outliers anyway)
+    assert len(waiting) >= 3
+    kept = np.flatnonzero(first.keep)  # round 2 sees only what round 1 kept
+    policy.label_gate = 1e9  # as if dropping the flips had brought R under the gate (it stays high on this data)
+    policy.start_round(2, kept)
+    second = policy.select(x[kept], labels[kept])
+    side = second.info["label_side"]
+    assert side["gate_ratio"] <= side["gate"] and side["latched"]
+    assert np.isin(waiting, kept[~second.keep]).all()
+    clean_x, clean_labels, _ = last_layer_rows(separation=4.0, flip_rate=0.0)
+    closed = DensityPolicy()
+    for r in range(3):
+        closed.start_round(r, np.arange(len(clean_labels)))
+        assert not closed.select(clean_x, clean_labels).info["label_side"]["open"]

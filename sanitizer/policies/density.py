@@ -124,6 +124,7 @@ class DensityPolicy(Policy):
         self._round = 0
         self._ids: np.ndarray | None = None  # the dataset indices of this round's rows, when the caller gives them
         self._label_low: np.ndarray | None = None  # indices in the low-agreement mode last round
+        self._label_opened = False  # the gate has opened in an acting round of this run (it then stays open)
 
     def start_round(self, index: int, candidates: np.ndarray | None = None) -> None:
         self._round = int(index)
@@ -131,11 +132,13 @@ class DensityPolicy(Policy):
 
     def state_dict(self) -> dict:
         """The label side's memory of the last round (for a checkpoint; see :meth:`Policy.state_dict`)."""
-        return {} if self._label_low is None else {"label_low": torch.from_numpy(self._label_low.copy())}
+        state = {"label_opened": self._label_opened}
+        return state if self._label_low is None else {**state, "label_low": torch.from_numpy(self._label_low.copy())}
 
     def load_state_dict(self, state: Mapping) -> None:
         low = state.get("label_low")
         self._label_low = None if low is None else torch.as_tensor(low).numpy().astype(np.int64)
+        self._label_opened = bool(state.get("label_opened", False))
 
     def dense_side_active(self) -> bool:
         return self.two_sided and (self.dense_rounds is None or self._round < self.dense_rounds)
@@ -202,10 +205,18 @@ class DensityPolicy(Policy):
         confirmed = None  # without a previous round (or without dataset indices) one round decides
         if self.label_confirm and ids is not None and self._label_low is not None:
             confirmed = np.isin(ids, self._label_low)
-        flagged, agreement, info = mislabelled(feats, y, self.label_k, self.label_gate, self.backend,
-                                               p_label, self.label_max_probability, confirmed)
+        # Once the gate has opened the run has flipped labels; dropping them lowers R, so later rounds would
+        # close the gate on the flips the first open round could not confirm yet: it stays open instead.
+        # (Only in a Sanitizer's run of rounds: a policy called on its own has no indices and no memory.)
+        latched = self._label_opened and confirmed is not None and self._round >= self.label_start_round
+        flagged, agreement, info = mislabelled(feats, y, self.label_k, -1.0 if latched else self.label_gate,
+                                               self.backend, p_label, self.label_max_probability, confirmed)
         if ids is not None:
             self._label_low = np.sort(ids[agreement <= LOW_AGREEMENT])  # the low mode, for the next round
+        if latched:
+            info["gate"], info["latched"] = self.label_gate, info["gate_ratio"] <= self.label_gate
+        elif info["open"] and ids is not None and self._round >= self.label_start_round:
+            self._label_opened = True
         if self._round < self.label_start_round:  # evidence for the next round's confirmation only
             selection.info["label_side"] = {"open": False, "evidence_only": True, "gate_ratio": info["gate_ratio"],
                                             "low_agreement": info["low_agreement"]}
