@@ -41,6 +41,7 @@ from sanitizer.noise_screen import (
     screen_decision,
 )
 from sanitizer.policies import Policy, available_policies, make_policy
+from sanitizer.policies.base import start_policy_round
 from sanitizer.progress import log
 from sanitizer.sampler import KeepSampler, SamplerRegistry, loader_settings, sampler_layout
 from sanitizer.shared_patterns import WindowCollector
@@ -465,7 +466,7 @@ class Sanitizer:
         else:
             emb = self._embed(candidates)
         t1 = time.perf_counter()
-        self.policy.start_round(len(gradient_rounds(self.history)), candidates)
+        start_policy_round(self.policy, len(gradient_rounds(self.history)), candidates)
         if class_sharded:  # every rank gathers the same keep flags and scores
             selection = select_sharded(self.policy, emb, positions, self.labels[candidates],
                                        num_classes=self.num_classes, seed=self._round_seed(epoch))
@@ -605,7 +606,7 @@ class Sanitizer:
             embedding_name = policy.embedding or self.embedding
             if embedding_name not in embeddings:
                 embeddings[embedding_name] = self._embed(candidates, embedding_name)
-            policy.start_round(len(self.history), candidates)
+            start_policy_round(policy, len(self.history), candidates)
             sel = policy.select(embeddings[embedding_name], labels, num_classes=self.num_classes,
                                 seed=self._round_seed(epoch))
             decisions[label] = (embedding_name, sel)

@@ -249,3 +249,27 @@ def test_the_isolation_gate_keeps_a_class_with_a_group_of_isolated_points_and_wi
     assert len(dropped_plain - dropped_gated) == gated.info["isolation_gate"]["withdrawn"] > 0
     assert len(dropped_gated & set(planted)) >= 0.9 * min(len(planted), math.floor(0.05 * 500))
     np.testing.assert_array_equal(gated.scores, plain.scores)
+
+
+def test_a_policy_whose_start_round_takes_only_the_index_still_runs_in_a_sanitizer():
+    """Policies written before the Sanitizer passed the round's candidates to ``start_round`` keep working."""
+    from planted import planted_dataset, tiny_mlp
+
+    from sanitizer import Sanitizer
+    from sanitizer.policies import Policy
+
+    class OldStyle(Policy):
+        name = "old-style"
+
+        def start_round(self, index):
+            self.rounds = [*getattr(self, "rounds", []), index]
+
+        def select_class(self, x, label, seed):
+            return np.zeros(0, dtype=np.int64), np.zeros(len(x)), {}
+
+    data, _ = planted_dataset()
+    policy = OldStyle()
+    sanitizer = Sanitizer(tiny_mlp(), data, policy=policy, warmup=0, every=1, verbose=False)
+    sanitizer.run_round(0)
+    sanitizer.run_round(1)
+    assert policy.rounds == [0, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -118,6 +119,16 @@ class Policy:
 
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def start_policy_round(policy: Policy, index: int, candidates: np.ndarray) -> None:
+    """``policy.start_round(index, candidates)``, or ``start_round(index)`` for a policy written before the
+    candidates were passed (an override that takes the index only keeps working)."""
+    params = inspect.signature(policy.start_round).parameters.values()
+    if len(params) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        policy.start_round(index, candidates)
+    else:
+        policy.start_round(index)
 
 
 def register_policy(name: str):
