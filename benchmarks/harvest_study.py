@@ -83,25 +83,30 @@ def run(out: Path, attacks: list[str], seeds: list[int], epochs: int, policy: st
                 f"epoch {r['epoch']} AUROC harvest {r['harvest']['auroc']} pass {r['pass']['auroc']}" for r in rounds))
 
 
+def rounds_by_attack(rows: list[dict]):
+    """(attack, round index, the first run's round, that round of every run that has it), in file order."""
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        group = [r for r in rows if r["attack"] == attack]
+        for i, first in enumerate(group[0]["rounds"]):
+            yield attack, i, first, [r["rounds"][i] for r in group if len(r["rounds"]) > i]
+
+
 def summary(path: Path) -> str:
     """Mean AUROC per (attack, round) under each embedding source, and the largest paired gap."""
     rows = read_rows(path)
     lines = ["| attack | round (epoch) | runs | AUROC harvest | AUROC pass | largest \\|gap\\| | in-class harvest | "
              "in-class pass | drop Jaccard |", "|" + "---|" * 9]
-    for attack in dict.fromkeys(r["attack"] for r in rows):
-        group = [r for r in rows if r["attack"] == attack]
-        for i, first in enumerate(group[0]["rounds"]):
-            per = [r["rounds"][i] for r in group if len(r["rounds"]) > i]
-            h = np.array([p["harvest"]["auroc"] for p in per], dtype=float)
-            s = np.array([p["pass"]["auroc"] for p in per], dtype=float)
-            hc = np.array([p["harvest"]["auroc_in_class"] for p in per], dtype=float)
-            sc = np.array([p["pass"]["auroc_in_class"] for p in per], dtype=float)
-            jac = [p["drop_jaccard"] for p in per if p["drop_jaccard"] is not None]
-            gap = np.abs(h - s)
-            largest = np.nanmax(gap) if np.isfinite(gap).any() else float("nan")
-            lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {np.nanmean(h):.3f} | "
-                         f"{np.nanmean(s):.3f} | {largest:.3f} | {np.nanmean(hc):.3f} | {np.nanmean(sc):.3f} | "
-                         f"{np.mean(jac) if jac else float('nan'):.2f} |")
+    for attack, i, first, per in rounds_by_attack(rows):
+        h = np.array([p["harvest"]["auroc"] for p in per], dtype=float)
+        s = np.array([p["pass"]["auroc"] for p in per], dtype=float)
+        hc = np.array([p["harvest"]["auroc_in_class"] for p in per], dtype=float)
+        sc = np.array([p["pass"]["auroc_in_class"] for p in per], dtype=float)
+        jac = [p["drop_jaccard"] for p in per if p["drop_jaccard"] is not None]
+        gap = np.abs(h - s)
+        largest = np.nanmax(gap) if np.isfinite(gap).any() else float("nan")
+        lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {np.nanmean(h):.3f} | "
+                     f"{np.nanmean(s):.3f} | {largest:.3f} | {np.nanmean(hc):.3f} | {np.nanmean(sc):.3f} | "
+                     f"{np.mean(jac) if jac else float('nan'):.2f} |")
     return "\n".join(lines + ["", gate_summary(rows)])
 
 
@@ -109,18 +114,15 @@ def gate_summary(rows: list[dict]) -> str:
     """The label side's gate ratio per (attack, round) on each embedding source: range over the runs."""
     lines = ["| attack | round (epoch) | runs | gate ratio, harvest (min–max) | gate ratio, pass (min–max) | "
              "opens (harvest / pass) |", "|" + "---|" * 6]
-    for attack in dict.fromkeys(r["attack"] for r in rows):
-        group = [r for r in rows if r["attack"] == attack]
-        for i, first in enumerate(group[0]["rounds"]):
-            per = [r["rounds"][i] for r in group if len(r["rounds"]) > i]
-            sides = {name: [p[name].get("label_side") for p in per] for name in ("harvest", "pass")}
-            if not all(sides["pass"]) or not all(sides["harvest"]):
-                continue  # the side does not act in this round (or the rows predate the record)
-            ratio = {name: np.array([side["gate_ratio"] for side in v]) for name, v in sides.items()}
-            opens = {name: sum(side["open"] for side in v) for name, v in sides.items()}
-            lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {ratio['harvest'].min():.2f}–"
-                         f"{ratio['harvest'].max():.2f} | {ratio['pass'].min():.2f}–{ratio['pass'].max():.2f} | "
-                         f"{opens['harvest']} / {opens['pass']} |")
+    for attack, i, first, per in rounds_by_attack(rows):
+        sides = {name: [p[name].get("label_side") for p in per] for name in ("harvest", "pass")}
+        if not all(sides["pass"]) or not all(sides["harvest"]):
+            continue  # the side does not act in this round (or the rows predate the record)
+        ratio = {name: np.array([side["gate_ratio"] for side in v]) for name, v in sides.items()}
+        opens = {name: sum(side["open"] for side in v) for name, v in sides.items()}
+        lines.append(f"| {attack} | {i} ({first['epoch']}) | {len(per)} | {ratio['harvest'].min():.2f}–"
+                     f"{ratio['harvest'].max():.2f} | {ratio['pass'].min():.2f}–{ratio['pass'].max():.2f} | "
+                     f"{opens['harvest']} / {opens['pass']} |")
     return "\n".join(lines)
 
 

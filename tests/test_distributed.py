@@ -215,6 +215,19 @@ def test_two_process_class_sharded_round_matches_one_process(tmp_path):
 
 
 # -- harvest mode under DDP --------------------------------------------------------------------------
+def _frozen_epochs(sanitizer: Sanitizer, net, dataset, drop_last: bool) -> None:
+    """Two epochs of a DDP loop with lr 0 (frozen weights), so harvested rows equal a pass's rows."""
+    loader = sanitizer.wrap(DataLoader(dataset, batch_size=LOCAL_BATCH, drop_last=drop_last,
+                                       sampler=DistributedSampler(dataset, shuffle=True, seed=0)))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    for epoch in range(2):
+        sanitizer.start_epoch(epoch)
+        for x, y, _ in loader:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+
 def _harvest_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Frozen weights (lr 0), harvest mode: the gathered round must equal a one-process pass."""
     torch.set_num_threads(1)
@@ -226,15 +239,7 @@ def _harvest_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         captured = {}
         sanitizer = Sanitizer(net, dataset, policy="none", warmup=1, every=1, seed=0, harvest=True, verbose=False,
                               round_hooks=[lambda s, e, cand, emb, sel: captured.update(cand=cand, emb=emb.clone())])
-        loader = sanitizer.wrap(DataLoader(dataset, batch_size=LOCAL_BATCH, drop_last=True,
-                                           sampler=DistributedSampler(dataset, shuffle=True, seed=0)))
-        opt = torch.optim.SGD(net.parameters(), lr=0.0)
-        for epoch in range(2):
-            sanitizer.start_epoch(epoch)
-            for x, y, _ in loader:
-                opt.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
+        _frozen_epochs(sanitizer, net, dataset, drop_last=True)
         torch.save({"candidates": torch.from_numpy(captured["cand"]), "emb": captured["emb"],
                     "harvest": torch.tensor([sanitizer.history[-1]["harvest"]["harvested"],
                                              sanitizer.history[-1]["harvest"]["embedded"]]),
@@ -269,15 +274,7 @@ def _harvest_sharded_worker(rank: int, world: int, init_file: str, out_dir: str,
         model = tiny_mlp()
         net = DistributedDataParallel(model)
         sanitizer = Sanitizer(net, dataset, warmup=1, every=1, seed=0, harvest=True, verbose=False)
-        loader = sanitizer.wrap(DataLoader(dataset, batch_size=LOCAL_BATCH, drop_last=drop_last,
-                                           sampler=DistributedSampler(dataset, shuffle=True, seed=0)))
-        opt = torch.optim.SGD(net.parameters(), lr=0.0)
-        for epoch in range(2):
-            sanitizer.start_epoch(epoch)
-            for x, y, _ in loader:
-                opt.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
+        _frozen_epochs(sanitizer, net, dataset, drop_last)
         record = sanitizer.history[-1]
         torch.save({"keep": torch.from_numpy(sanitizer.keep.copy()), "scores": torch.from_numpy(sanitizer.last_scores),
                     "harvest": torch.tensor([record["harvest"]["harvested"], record["harvest"]["embedded"]]),
