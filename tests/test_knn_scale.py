@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sanitizer import neighbors
 from sanitizer.neighbors import (
     GROUP,
     _smallest_k,
@@ -183,10 +184,38 @@ def test_classes_above_the_exact_limit_leave_the_quadratic_factored_path(monkeyp
     np.testing.assert_allclose(above.scores, below.scores, rtol=1e-3, atol=1e-3)  # 200 points: still exact
 
 
-def test_rows_of_high_intrinsic_dimension_are_searched_exactly_above_the_threshold():
-    """An HNSW graph on 64+ isotropic dimensions misses most true neighbours; the search must not."""
+def test_graph_answers_below_the_recall_floor_fall_back_to_exact_search(monkeypatch):
+    """An HNSW graph on 64 isotropic dimensions misses true neighbours; its answer is used only when its
+    sampled recall reaches the floor, else the rows are searched exactly."""
     x = np.random.default_rng(2).normal(size=(1500, 64)).astype(np.float32)
     exact, exact_idx = knn(x, 10, backend="torch")
     found, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_idx)]) >= 0.93  # floor 0.95, sampled
+    monkeypatch.setattr(neighbors, "RECALL_FLOOR", 1.01)  # no graph answer is good enough: exact
+    found, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
     np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
-    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_idx)]) > 0.99
+
+
+def test_rows_of_more_raw_dimensions_than_a_graph_takes_are_searched_exactly(monkeypatch):
+    x = np.random.default_rng(3).normal(size=(1200, 160)).astype(np.float32)  # isotropic: no PCA summary
+    built = []
+    monkeypatch.setattr(neighbors.faiss, "IndexHNSWFlat", lambda *a: built.append(a) or None)
+    found, _ = knn(x, 5, backend="faiss", ivf_threshold=1000)
+    exact, _ = knn(x, 5, backend="torch")
+    assert built == []
+    np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_recall_matches_the_recall_of_every_row():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
+    true = np.argsort(d2, 1)[:, :6]  # self included, as a search of x against itself returns it
+    assert neighbors.sampled_recall(x, true, sample=600) == 1.0
+    spoiled = true.copy()
+    wrong = rng.random(spoiled.shape) < 0.3
+    wrong[:, 0] = False
+    spoiled[wrong] = np.argsort(d2, 1)[:, -1:].repeat(6, 1)[wrong]  # the farthest row instead
+    full = 1 - wrong.mean()
+    assert neighbors.sampled_recall(x, spoiled, sample=600) == pytest.approx(full, abs=1e-6)
+    assert neighbors.sampled_recall(x, spoiled, sample=200) == pytest.approx(full, abs=0.06)
