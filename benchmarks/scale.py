@@ -44,14 +44,15 @@ CONFIGS = {  # name: (examples, classes)
 
 
 def gradient_like(n: int, classes: int, dim: int = 256, rank: int = 8, flip: float = 0.01, seed: int = 0,
-                  scale: float = 0.2, factors: bool = False, chunk: int = 65_536):
+                  scale: float = 0.2, factors: bool = False, chunk: int = 65_536, width: int | None = None):
     """Synthetic last-layer gradient embeddings ``[n, dim]`` float32 and labels; with ``factors=True``
-    also ``e [n, C]`` and ``h1 [n, d+1]`` (so that row i is e_i ⊗ h1_i before the rotation/sketch)."""
+    also ``e [n, C]`` and ``h1 [n, d+1]`` (so that row i is e_i ⊗ h1_i before the rotation/sketch).
+    ``width``: the simulated network's penultimate width d (default: what fits ``dim`` unsketched)."""
     from sanitizer.sketch import KroneckerSketch
 
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    d1 = max(2, dim // classes) if 2 * classes <= dim else 16  # feature dims including the 1
+    d1 = width + 1 if width else max(2, dim // classes) if 2 * classes <= dim else 16  # features and the 1
     d = d1 - 1
     y_true = np.arange(n) % classes
     y = y_true.copy()
@@ -59,12 +60,15 @@ def gradient_like(n: int, classes: int, dim: int = 256, rank: int = 8, flip: flo
     y[flipped] = (y[flipped] + rng.integers(1, classes, len(flipped))) % classes
     means = torch.from_numpy(rng.normal(0, 1.5, (classes, d))).float()
     mix = torch.from_numpy(rng.normal(0, 1, (rank, d)) / np.sqrt(rank)).float()
+    # logits grow like d (h · class mean): rescale so a wide network is about as confident as the d = 24 one
+    logit_scale = scale * (24 / d if width else 1.0)
     weight = torch.from_numpy(rng.normal(0, 1, (d, classes))).float() + means.T
     if classes * d1 <= dim:  # explicit outer product, rotated into dim coordinates (distances kept)
         sketch = None
         rotation = torch.linalg.qr(torch.randn(dim, classes * d1, generator=gen))[0].T.contiguous()
     else:
         sketch = KroneckerSketch(classes, d1, dim, seed)
+        dim = sketch.out_dim  # the sketch's own size (a multiple of its class factor's)
     out = np.empty((n, dim), dtype=np.float32)
     es, hs = [], []
     for s in range(0, n, chunk):
@@ -72,7 +76,7 @@ def gradient_like(n: int, classes: int, dim: int = 256, rank: int = 8, flip: flo
         z = torch.randn(len(yt), rank, generator=gen)
         h = torch.relu(means[yt] + z @ mix + 0.3 * torch.randn(len(yt), d, generator=gen))
         temperature = torch.exp(0.5 * torch.randn(len(yt), 1, generator=gen))
-        e = torch.softmax(h @ weight * temperature * scale, 1) - torch.nn.functional.one_hot(yy, classes).float()
+        e = torch.softmax(h @ weight * temperature * logit_scale, 1) - torch.nn.functional.one_hot(yy, classes).float()
         h1 = torch.cat([h, torch.ones(len(h), 1)], 1)
         emb = (e[:, :, None] * h1[:, None, :]).reshape(len(e), -1) @ rotation if sketch is None else sketch(e, h1)
         out[s:s + len(emb)] = emb.numpy()
@@ -84,9 +88,9 @@ def gradient_like(n: int, classes: int, dim: int = 256, rank: int = 8, flip: flo
     return out, y
 
 
-def make_data(data: str, n: int, classes: int, dim: int):
+def make_data(data: str, n: int, classes: int, dim: int, width: int | None = None):
     if data == "gradient":
-        return gradient_like(n, classes, dim)
+        return gradient_like(n, classes, dim, width=width)
     from benchmarks.density_speed import synthetic_embeddings
 
     return synthetic_embeddings(n, dim, classes)
@@ -108,20 +112,21 @@ def recall_at_k(x: np.ndarray, k: int, queries: int = 1000, seed: int = 0) -> tu
     return float((got <= kth * (1 + 1e-5) + 1e-12).float().mean()), "approximate" if n > 30_000 else "exact"
 
 
-def measure(data: str, n: int, classes: int, dim: int, threads: int, recall: bool) -> dict:
+def measure(data: str, n: int, classes: int, dim: int, threads: int, recall: bool, width: int | None = None) -> dict:
     import faiss
 
     from sanitizer import select
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    x, y = make_data(data, n, classes, dim)
+    x, y = make_data(data, n, classes, dim, width)
     input_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     select(x[:2000], y[:2000] % 2, policy="density")  # warm up faiss / BLAS threads
     t0, c0 = time.perf_counter(), time.process_time()
     sel = select(x, y, policy="density")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    row = {"data": data, "n": n, "classes": classes, "dim": dim, "threads": threads, "seconds": wall,
+    label = data if width is None else f"{data}, width {width}"
+    row = {"data": label, "n": n, "classes": classes, "dim": dim, "threads": threads, "seconds": wall,
            "cpu_seconds": cpu, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
            "rss_before_round_mib": round(input_rss), "dropped": int((~sel.keep).sum())}
     if recall:
@@ -281,6 +286,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
     parser.add_argument("--data", choices=("gradient", "clusters"), default="gradient")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--width", type=int, help="gradient data: the simulated network's penultimate width "
+                        "(e.g. 512: rows e ⊗ [h; 1] of C · 513 dims, sketched to --dim as gradient_embeddings does)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch and faiss threads in each child (default: all cores)")
     parser.add_argument("--no-recall", action="store_true", help="skip the recall@10 check (it re-runs one class)")
@@ -319,7 +326,7 @@ def main() -> None:
         plan = [CONFIGS[name] for name in args.configs.split(",")]
     rows = []
     for n, classes in plan:
-        rows.append(run_child(args.data, n, classes, args.dim, args.threads, not args.no_recall))
+        rows.append(run_child(args.data, n, classes, args.dim, args.threads, not args.no_recall, args.width))
         print(json.dumps(rows[-1]), flush=True)
     print_rows(rows)
     if args.extrapolate:

@@ -36,6 +36,28 @@ EXACT_LIMIT = 30_000
 APPROXIMATE = ("hnsw", "ivf")
 
 
+TINY_RELATIVE = 2.0 ** -50  # entries below this share of the largest one are set to 0 (see flush_tiny)
+
+
+def flush_tiny(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the entries below :data:`TINY_RELATIVE` times its largest magnitude set to 0 (a new tensor
+    when any is; else ``x`` itself).
+
+    Confident predictions make softmax − onehot entries of 1e-20 and less, and their products in a distance
+    matmul fall below float32's normal range: subnormal arithmetic is 50–90× slower on x86 CPUs (a 50k round
+    took 24 CPU s instead of ~2; ``benchmarks/results/scale.md``). Such entries change no distance: each
+    contributes under 2^-100 of the largest squared entry, far below float32's resolution. The products of the
+    entries kept stay normal as long as the largest magnitude is above ~1e-4.
+    """
+    if x.numel() == 0 or not x.is_floating_point():
+        return x
+    cut = float(x.abs().max()) * TINY_RELATIVE
+    small = x.abs() < cut
+    if not bool(small.any()) or not bool((x[small] != 0).any()):
+        return x
+    return x.masked_fill(small, 0.0)
+
+
 def check_backend(backend: str) -> str:
     """``backend`` if it names a kNN backend (:data:`BACKENDS`); policies check it when they are built."""
     if backend not in BACKENDS:
@@ -65,7 +87,7 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
     every answer's recall@k is checked on a sample and must reach 0.95, else the rows are searched exactly;
     ``benchmarks/scale.py``) or ``"ivf"`` (``nprobe`` lists).
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = flush_tiny(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
     n = len(x)
     if not 0 < k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
@@ -278,7 +300,7 @@ def exact_knn_blocked(x: torch.Tensor, k: int, block: int | None = None,
     """Exact squared distances and indices ``[n, k]`` of the ``k`` nearest other rows of ``x``, by
     blocks of matmul + two-stage top-k (memory O(n·k) plus one block). On the GPU when there is one."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = x.to(dev, torch.float32)
+    data = flush_tiny(x.to(dev, torch.float32))
     n = len(data)
     pad = -n % GROUP
     sq = (data * data).sum(1)
@@ -308,8 +330,8 @@ def knn_factored(e, h, k: int, block: int | None = None,
         ((100, 5), (100, 5))
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    e = torch.as_tensor(e).to(dev, torch.float32)
-    h = torch.as_tensor(h).to(dev, torch.float32)
+    e = flush_tiny(torch.as_tensor(e).to(dev, torch.float32))
+    h = flush_tiny(torch.as_tensor(h).to(dev, torch.float32))
     if e.ndim != 2 or h.ndim != 2 or len(e) != len(h):
         raise ValueError(f"e and h must be [n, C] and [n, d+1] with the same n, got {tuple(e.shape)} and "
                          f"{tuple(h.shape)}")

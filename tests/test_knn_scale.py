@@ -219,3 +219,36 @@ def test_sampled_recall_matches_the_recall_of_every_row():
     full = 1 - wrong.mean()
     assert neighbors.sampled_recall(x, spoiled, sample=600) == pytest.approx(full, abs=1e-6)
     assert neighbors.sampled_recall(x, spoiled, sample=200) == pytest.approx(full, abs=0.06)
+
+
+def test_flush_tiny_zeroes_only_what_no_distance_can_see():
+    x = torch.tensor([[1.0, 1e-20, -3e-16], [2.0, -1e-39, 0.5]])
+    out = neighbors.flush_tiny(x)
+    assert out[0, 1] == 0 and out[1, 1] == 0 and out[0, 2] == 0  # below 2 · 2^-50
+    assert out[0, 0] == 1 and out[1, 0] == 2 and out[1, 2] == 0.5
+    assert x[0, 1] == 1e-20  # the input is left alone
+    plain = torch.tensor([[1.0, 0.0], [0.25, 3.0]])
+    assert neighbors.flush_tiny(plain) is plain
+
+
+def test_knn_of_rows_with_subnormal_products_keeps_its_distances(monkeypatch):
+    """Softmax errors of confident predictions (1e-20 and below) make subnormal products in the distance
+    matmul, which x86 CPUs compute 50–90× slower; the searches flush them and keep the same distances."""
+    flushed = []
+    real = neighbors.flush_tiny
+    monkeypatch.setattr(neighbors, "flush_tiny", lambda t: flushed.append(real(t) is not t) or real(t))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 32))
+    x[:, 16:] *= 1e-22  # a block of tiny entries, as softmax − onehot of confident predictions has
+    found, idx = knn(x.astype(np.float32), 6)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(found, np.sort(d, 1)[:, :6], rtol=1e-4, atol=1e-5)
+    e = rng.normal(size=(300, 10)) * np.where(rng.random((300, 10)) < 0.5, 1e-21, 1.0)
+    h = rng.random((300, 9))
+    dist_f, _ = knn_factored(e, h, 5)
+    rows = (e[:, :, None] * h[:, None, :]).reshape(300, -1)
+    d = np.sqrt(((rows[:, None] - rows[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(dist_f, np.sort(d, 1)[:, :5], rtol=1e-4, atol=1e-5)
+    assert any(flushed[:1]) and flushed.count(True) >= 2  # knn's rows and the factored search's e
