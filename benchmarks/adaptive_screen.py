@@ -54,7 +54,9 @@ def victim(train, test, poisons, poisoned, settings: dict, defended: bool, seed:
             "success": outcome["success"], "clean_accuracy": accuracy(model, test),
             "poisons": int(is_poison.sum()), "screen_poisons": int(is_poison[screened].sum()),
             "screen_clean": int((~is_poison[screened]).sum()), "dropped": int(len(dropped)),
-            "poisons_dropped": int(is_poison[dropped].sum())}
+            "poisons_dropped": int(is_poison[dropped].sum()),
+            # the labels of the clean images dropped: do the rounds take the target class's own examples?
+            "dropped_clean_labels": sorted(int(poisoned.labels[i]) for i in dropped if not is_poison[i])}
 
 
 def run_trial(seed: int, out: Path, done: set) -> None:
@@ -79,7 +81,8 @@ def run_trial(seed: int, out: Path, done: set) -> None:
             if (seed, noise_lam, "default" if defended else "none") in done:
                 continue
             row = victim(train, test, poisons, poisoned, settings, defended, seed + 100)
-            row.update(seed=seed, noise_lam=noise_lam, target=target, adversarial_class=adv,
+            row.update(seed=seed, noise_lam=noise_lam, target=target, target_class=int(test.labels[target]),
+                       adversarial_class=adv,
                        noise_excess=poisons.params["noise_excess_poisons"], craft_seconds=craft_seconds,
                        date=time.strftime("%Y-%m-%d"))
             with out.open("a") as f:
