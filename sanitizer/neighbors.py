@@ -87,7 +87,10 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
     every answer's recall@k is checked on a sample and must reach 0.95, else the rows are searched exactly;
     ``benchmarks/scale.py``) or ``"ivf"`` (``nprobe`` lists).
     """
-    x = flush_tiny(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not x.flags.writeable:  # torch warns on read-only arrays (np.load with mmap, frozen views)
+        x = x.copy()
+    x = flush_tiny(torch.from_numpy(x)).numpy()
     n = len(x)
     if not 0 < k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import numpy as np
 import pytest
@@ -252,3 +254,12 @@ def test_knn_of_rows_with_subnormal_products_keeps_its_distances(monkeypatch):
     np.fill_diagonal(d, np.inf)
     np.testing.assert_allclose(dist_f, np.sort(d, 1)[:, :5], rtol=1e-4, atol=1e-5)
     assert any(flushed[:1]) and flushed.count(True) >= 2  # knn's rows and the factored search's e
+
+
+def test_knn_takes_read_only_arrays_without_a_warning():
+    x = np.random.default_rng(6).random((60, 8)).astype(np.float32)
+    x.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist, idx = knn(x, 3)
+    assert dist.shape == (60, 3) and not (idx == np.arange(60)[:, None]).any()
