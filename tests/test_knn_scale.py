@@ -263,3 +263,13 @@ def test_knn_takes_read_only_arrays_without_a_warning():
         warnings.simplefilter("error")
         dist, idx = knn(x, 3)
     assert dist.shape == (60, 3) and not (idx == np.arange(60)[:, None]).any()
+
+
+def test_softmax_errors_of_confident_predictions_are_flushed_at_the_source():
+    from sanitizer.embeddings import _embed_batch
+
+    z = torch.tensor([[60.0, 0.0, -40.0], [0.0, 1.0, 0.5]])  # row 0: other-class probabilities ~1e-26, 1e-44
+    e, _ = _embed_batch(z, torch.tensor([0, 1]), torch.ones(2, 4), "last_layer", 3, torch.float32)
+    expected = torch.softmax(z, 1) - torch.nn.functional.one_hot(torch.tensor([0, 1]), 3)
+    assert torch.count_nonzero(e[0]) == 0  # 1 − p rounds to 0 in float32, and the rest is flushed
+    torch.testing.assert_close(e[1], expected[1])
