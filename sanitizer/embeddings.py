@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
+from sanitizer.neighbors import flush_tiny
 from sanitizer.sketch import CountSketch, KroneckerSketch
 
 EMBEDDINGS = ("last_layer", "logits", "features", "params")  # the embedding names every API takes
@@ -365,9 +366,6 @@ def _batch_labels(y: torch.Tensor, device: torch.device, num_classes: int | None
     return torch.from_numpy(check_labels(y, num_classes)).to(device)
 
 
-TINY_ERROR = 2.0 ** -50  # softmax errors below this are set to 0 (see _embed_batch)
-
-
 def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, embedding: str,
                  num_classes: int | None, dtype: torch.dtype):
     """Validate a batch and return its embedding (for ``last_layer``: the pair (e, h))."""
@@ -390,7 +388,7 @@ def _embed_batch(z: torch.Tensor, y: torch.Tensor, h: torch.Tensor | None, embed
     e = torch.softmax(z.to(work), 1) - F.one_hot(y, c).to(work)
     # a confident prediction's other-class probabilities reach 1e-20 and below; their products in any later
     # matmul (kNN, SVD) are subnormal floats, 50-90x slower on x86 CPUs, and no distance can see them
-    e = e.masked_fill(e.abs() < TINY_ERROR, 0.0)
+    e = flush_tiny(e)
     return e if embedding == "logits" else (e, h.to(work))
 
 

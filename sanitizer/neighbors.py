@@ -51,11 +51,9 @@ def flush_tiny(x: torch.Tensor) -> torch.Tensor:
     """
     if x.numel() == 0 or not x.is_floating_point():
         return x
-    cut = float(x.abs().max()) * TINY_RELATIVE
-    small = x.abs() < cut
-    if not bool(small.any()) or not bool((x[small] != 0).any()):
-        return x
-    return x.masked_fill(small, 0.0)
+    size = x.abs()
+    small = (size < float(size.max()) * TINY_RELATIVE) & (size > 0)
+    return x.masked_fill(small, 0.0) if bool(small.any()) else x
 
 
 def check_backend(backend: str) -> str:
@@ -222,11 +220,12 @@ def sampled_recall(x: np.ndarray, idx: np.ndarray, sample: int = RECALL_SAMPLE, 
     n, k = idx.shape
     rows = np.random.default_rng(seed).choice(n, min(n, sample), replace=False)
     data = torch.from_numpy(x)
-    d2 = torch.addmm((data * data).sum(1)[None], data[rows], data.T, alpha=-2)
+    sq = (data * data).sum(1)
+    d2 = torch.addmm(sq[None], data[rows], data.T, alpha=-2)
     kth = torch.topk(d2, k, dim=1, largest=False).values[:, -1:]
     found = torch.from_numpy(idx[rows])
     got = torch.gather(d2, 1, found.clamp_min(0)).masked_fill_(found < 0, float("inf"))
-    tolerance = 1e-5 * kth.abs() + 1e-6 * (data * data).sum(1).max()  # float32 rounding of the expansion
+    tolerance = 1e-5 * kth.abs() + 1e-6 * sq.max()  # float32 rounding of the expansion
     return float((got <= kth + tolerance).float().mean())
 
 
