@@ -11,6 +11,8 @@ Per epoch ``e`` (saved after epoch ``e`` ends, i.e. what a round at the start of
 - ``logits`` [N, C] and ``features`` [N, d]: eval mode, un-augmented images, every training example;
 - ``train_logits`` [N, C]: the logits the training step itself produced (train mode, augmented),
   harvested by dataset index (what harvest mode would see);
+- ``train_features`` [N, d]: the last linear layer's input in those same steps (from epoch 1 on: the
+  hook is placed at the first epoch's end), i.e. the harvested penultimate features;
 - ``views/<name>_logits`` and ``views/<name>_features`` for the ``focus`` indices (the poisoned class
   and the target's class): the same model on purified copies of those images (JPEG, noise);
 - ``target_logits`` [1, C]: the target image.
@@ -54,6 +56,10 @@ class SignalRecorder:
         self.views = {"jpeg": jpeg_compress(focus_images, jpeg_quality),
                       "noise": uniform_noise(focus_images, noise, seed=0)}
         self.train_logits: np.ndarray | None = None
+        self.train_features: np.ndarray | None = None
+        self._step_features: torch.Tensor | None = None  # the last training step's last-layer input
+        self._capturing = True  # off while the recorder runs its own eval passes
+        self._hooked: set[int] = set()
         (self.out_dir / "meta.json").write_text(json.dumps({**meta, "jpeg_quality": jpeg_quality, "noise": noise,
                                                             "focus_size": len(self.focus)}, default=str))
         np.save(self.out_dir / "focus.npy", self.focus)
@@ -65,6 +71,23 @@ class SignalRecorder:
         if self.train_logits is None:
             self.train_logits = np.full((len(self.labels), logits.shape[1]), np.nan, dtype=np.float16)
         self.train_logits[indices.numpy()] = logits.float().cpu().numpy().astype(np.float16)
+        h, self._step_features = self._step_features, None
+        if h is not None and len(h) == len(indices):
+            if self.train_features is None:
+                self.train_features = np.full((len(self.labels), h.shape[1]), np.nan, dtype=np.float16)
+            self.train_features[indices.numpy()] = h.numpy().astype(np.float16)
+
+    def _hook_training_steps(self, model: nn.Module) -> None:
+        """Capture the last linear layer's input in the training steps from now on (once per layer)."""
+        layer = find_last_linear(model, self.images[:2].to(model_device(model)))
+        if id(layer) in self._hooked:
+            return
+        self._hooked.add(id(layer))
+
+        def capture(_module, inp, _out):
+            if self._capturing:
+                self._step_features = inp[0].detach().flatten(1).float().cpu()
+        layer.register_forward_hook(capture)
 
     @torch.no_grad()
     def _forward(self, model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -84,20 +107,25 @@ class SignalRecorder:
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         was_training = model.training
         model.eval()
+        self._capturing = False
         try:
             logits, features = self._forward(model, self.images)
             arrays = {"logits": logits, "features": features,
                       "target_logits": self._forward(model, self.target_input)[0]}
             if self.train_logits is not None:
                 arrays["train_logits"] = self.train_logits
+            if self.train_features is not None:
+                arrays["train_features"] = self.train_features
             for name, view in self.views.items():
                 arrays[f"{name}_logits"], arrays[f"{name}_features"] = self._forward(model, view)
         finally:
             model.train(was_training)
+            self._capturing = True
+        self._hook_training_steps(model)
         partial = self.out_dir / f"epoch{epoch}.partial.npz"
         np.savez(partial, **arrays)
         partial.replace(self.out_dir / f"epoch{epoch}.npz")
-        self.train_logits = None
+        self.train_logits = self.train_features = None
 
 
 def load_epoch(run_dir: Path, epoch: int) -> dict[str, np.ndarray]:

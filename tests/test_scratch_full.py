@@ -48,6 +48,11 @@ def test_scratch_full_preset_records_signals_and_runs_the_purifiers(tmp_path):
     n = len(is_poison)
     assert arrays["logits"].shape == (n, 10) and arrays["train_logits"].shape == (n, 10)
     assert np.isfinite(arrays["train_logits"]).all()                  # every example harvested once per epoch
+    # harvested penultimate features from epoch 1 on (the hook goes in at the first epoch's end)
+    assert "train_features" not in load_epoch(run_dir, 0)
+    assert arrays["train_features"].shape == arrays["features"].shape
+    assert np.isfinite(arrays["train_features"]).all()
+    assert not np.allclose(arrays["train_features"], arrays["features"], atol=1e-2)  # train-mode views, not the pass
     focus = np.load(run_dir / "focus.npy")
     assert arrays["jpeg_logits"].shape == (len(focus), 10)
     # the recorder's eval logits are those of the final undefended model (same run, same epoch)
