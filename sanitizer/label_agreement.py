@@ -50,7 +50,7 @@ def _agreeing_neighbours(features: np.ndarray, labels: np.ndarray, k: int, backe
     k = min(k, n - 1)
     unit = np.asarray(features, dtype=np.float32)
     unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-12)
-    _, idx = knn(unit, k, backend)
+    _, idx = knn(unit, k, backend, approximate="clusters")  # features of a trained network: compact lists
     return (labels[idx] == labels[:, None]).sum(1), k
 
 

@@ -208,6 +208,39 @@ def test_rows_of_more_raw_dimensions_than_a_graph_takes_are_searched_exactly(mon
     np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
 
 
+def class_features(n=6000, classes=10, dim=24, seed=5):
+    """Penultimate-feature-like rows: one compact blob per class, as a trained network makes them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 4
+    return (centres[np.arange(n) % classes] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_cluster_lists_find_the_neighbours_of_class_features_and_fall_back_when_they_cannot(monkeypatch):
+    x = class_features()
+    exact, exact_idx = knn(x, 10, backend="torch")
+    found = neighbors._knn_clusters(x, 11, seed=0)
+    assert found is not None  # compact classes: the lists' answer passes its own recall check
+    d, idx = neighbors._drop_self(*found, 10)
+    true = np.linalg.norm(x[idx] - x[:, None], axis=2)
+    np.testing.assert_allclose(d, true, rtol=1e-4, atol=1e-4)  # real distances of real neighbours
+    assert (d >= exact - 1e-4).all()
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_idx)]) >= 0.95
+    # through knn: the lists' answer is what comes back
+    via_knn = knn(x, 10, backend="faiss", ivf_threshold=1000, approximate="clusters")
+    np.testing.assert_allclose(via_knn[0], d, rtol=1e-5, atol=1e-5)
+    # isotropic rows in 64 dimensions: the lists would have to cover too many pairs, so they decline
+    iso = np.random.default_rng(6).normal(size=(3000, 64)).astype(np.float32)
+    assert neighbors._knn_clusters(iso, 11, seed=0) is None
+    # one mass of identical rows beside the classes (zero gradients of confidently fit examples): no k-means
+    # can split it, so one list holds most rows and the search would cover most pairs: declined
+    mass = np.concatenate([x, np.zeros((20000, 24), np.float32)])
+    assert neighbors._knn_clusters(mass, 11, seed=0) is None
+    # a declined or failed answer goes on to the graph, then to exact search
+    monkeypatch.setattr(neighbors, "RECALL_FLOOR", 1.01)
+    found, _ = knn(iso, 10, backend="faiss", ivf_threshold=1000, approximate="clusters")
+    np.testing.assert_allclose(found, knn(iso, 10, backend="torch")[0], rtol=1e-4, atol=1e-4)
+
+
 def test_sampled_recall_matches_the_recall_of_every_row():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(600, 8)).astype(np.float32)
