@@ -471,8 +471,13 @@ class Sanitizer:
             selection = select_sharded(self.policy, emb, positions, self.labels[candidates],
                                        num_classes=self.num_classes, seed=self._round_seed(epoch))
         else:
-            selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
-                                           seed=self._round_seed(epoch))
+            self._offer_clean_views(candidates)
+            try:
+                selection = self.policy.select(emb, self.labels[candidates], num_classes=self.num_classes,
+                                               seed=self._round_seed(epoch))
+            finally:
+                if hasattr(self.policy, "use_clean_views"):
+                    self.policy.use_clean_views(None)
         if self._sharded() and not class_sharded:  # rank 0's decision everywhere (select_sharded already
             selection.keep = broadcast_mask(selection.keep)  # gathered one mask): even if a policy is not bit-exact
         t2 = time.perf_counter()
@@ -710,6 +715,18 @@ class Sanitizer:
             return torch.zeros(0, 0), positions
         dtype = parts[0].dtype
         return torch.cat([part.to(dtype) for part in parts]), np.concatenate([positions, gaps])
+
+    def _offer_clean_views(self, candidates: np.ndarray) -> None:
+        """When this round's rows were harvested, let a policy that can use them (the density policy's label
+        side) ask for a pass over the same candidates (eval mode, un-augmented): it does so only when the
+        harvested rows hint that labels are flipped. Single-process rounds only: under DDP the ranks would
+        have to agree on the pass before the policy runs, so there the label side decides on harvested rows."""
+        counts = self._harvest_counts or {}
+        if (not hasattr(self.policy, "use_clean_views") or self.harvester is None or not counts.get("harvested")
+                or self._sharded() or self.gather is not None):
+            return
+        self.policy.use_clean_views(lambda: self.policy.cross_class_features(self._embed_rows(candidates).numpy(),
+                                                                             self.num_classes))
 
     def _embed(self, candidates: np.ndarray, embedding_name: str | None = None) -> torch.Tensor:
         rows = (lambda idx: self._embed_rows(idx, embedding_name)) if embedding_name else self._embed_rows

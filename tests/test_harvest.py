@@ -237,3 +237,47 @@ def test_an_ordinary_loop_that_learns_passes_the_label_fit_check():
     for record in sanitizer.history:
         assert record["harvest"]["check"]["ok"] and record["harvest"]["harvested"] == len(data)
     assert sanitizer.harvester.broken is None
+
+
+def blob_label_run(flip_rate: float, seed: int = 0, n: int = 600, epochs: int = 5):
+    """An MLP on four separable blobs, ``flip_rate`` of the labels flipped, under the default density policy in
+    harvest mode (rounds at epochs 2, 3, 4). Returns the sanitizer and the flipped mask."""
+    gen = torch.Generator().manual_seed(seed)
+    true = torch.arange(n) % 4
+    x = torch.randn(n, 8, generator=gen) * 0.5 + 3 * nn.functional.one_hot(true, 8).float()
+    flipped = torch.rand(n, generator=gen) < flip_rate
+    y = torch.where(flipped, (true + torch.randint(1, 4, (n,), generator=gen)) % 4, true)
+    data = TensorDataset(x, y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    sanitizer = Sanitizer(model, data, warmup=2, every=1, harvest=True, verbose=False)
+    loader = sanitizer.wrap(DataLoader(data, batch_size=25, shuffle=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(epochs):
+        sanitizer.start_epoch(epoch)
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return sanitizer, flipped.numpy()
+
+
+@pytest.mark.parametrize("flip_rate", [0.0, 0.15])
+def test_harvest_rounds_make_a_pass_for_the_label_side_only_when_the_rows_hint_at_flips(flip_rate):
+    sanitizer, flipped = blob_label_run(flip_rate)
+    rounds = [r for r in sanitizer.history if r.get("kind") != "screen"]
+    assert all(r["harvest"]["harvested"] > 0 for r in rounds)  # the within-class sides ran on harvested rows
+    sides = [r["label_side"] for r in rounds]
+    trigger = sanitizer.policy.label_pass_trigger
+    for side in sides:
+        if side["views"] == "pass":
+            assert side.get("harvested_gate_ratio") is None or side["harvested_gate_ratio"] > trigger
+        else:
+            assert side["views"] == "harvested" and side["gate_ratio"] <= trigger
+    assert sanitizer.policy._clean_views is None  # offered for the round only
+    if flip_rate:
+        assert any(side["views"] == "pass" for side in sides)
+        assert np.isin(np.flatnonzero(flipped), sanitizer.dropped).mean() >= 0.8
+    else:
+        assert all(side["views"] == "harvested" for side in sides) and not any(side["open"] for side in sides)

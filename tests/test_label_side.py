@@ -208,3 +208,28 @@ def test_once_open_the_gate_stays_open_for_the_flips_the_first_open_round_could_
     for r in range(3):
         closed.start_round(r, np.arange(len(clean_labels)))
         assert not closed.select(clean_x, clean_labels).info["label_side"]["open"]
+
+
+def test_harvested_rows_ask_for_a_pass_only_when_they_hint_at_flipped_labels():
+    # the same labels and flips, seen through blurred features (harvested: augmented, train mode) and sharp ones
+    blurred, labels, flipped = last_layer_rows(separation=0.5, flip_rate=0.1)
+    sharp, same_labels, _ = last_layer_rows(separation=4.0, flip_rate=0.1)
+    assert np.array_equal(labels, same_labels)
+    calls = []
+    policy = second_round_policy()
+    policy.use_clean_views(lambda: calls.append("pass") or policy.cross_class_features(sharp, 10))
+    sel = policy.select(blurred, labels)
+    side = sel.info["label_side"]
+    assert calls == ["pass"] and side["views"] == "pass"
+    assert policy.label_pass_trigger < side["harvested_gate_ratio"] < policy.label_gate  # closed on the rows alone
+    assert side["open"] and (~sel.keep)[flipped].mean() >= 0.9 and flipped[~sel.keep].mean() >= 0.8
+    alone = second_round_policy().select(blurred, labels)  # the harvested rows alone keep the flips
+    assert not alone.info["label_side"]["open"] and alone.info["label_side"]["dropped_by_label_side_only"] == 0
+    # clean labels: the harvested gate ratio stays under the trigger and no pass is made
+    clean, clean_labels, _ = last_layer_rows(separation=0.7, flip_rate=0.0)
+    policy = second_round_policy()
+    policy.use_clean_views(lambda: calls.append("pass") or policy.cross_class_features(clean, 10))
+    side = policy.select(clean, clean_labels).info["label_side"]
+    assert calls == ["pass"] and side["views"] == "harvested" and not side["open"]
+    with pytest.raises(ValueError, match="label_pass_trigger"):
+        DensityPolicy(label_pass_trigger=-1)

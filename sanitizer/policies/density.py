@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -74,6 +74,11 @@ class DensityPolicy(Policy):
     ``label_confirm`` (the default) an example is flagged only if it was also in the low-agreement mode in the
     round before (the Sanitizer passes the rows' dataset indices to :meth:`start_round`; the round before the
     first acting one only gathers this evidence): a flipped label stays wrong, natural confusion comes and goes.
+    **In harvest mode** the rows are train-mode features of augmented views, in which flipped labels blur into
+    the natural tail (the gate ratio of the same flips 0.7–1.5 against 1.2–2.8 on a pass, digits). So the label
+    side measures its gate ratio on the harvested rows first and, when it exceeds ``label_pass_trigger``
+    (or once the gate has latched open), asks the Sanitizer for a pass over the round's rows
+    (:meth:`use_clean_views`) and decides on those: rounds on clean labels stay free of a pass.
 
     **The isolation gate** (``isolation_gate=True``, the default): the isolation side drops in full only in
     classes whose isolated tail stands out among the classes (:meth:`gate_classes`), a group of poisons in one
@@ -95,13 +100,14 @@ class DensityPolicy(Policy):
                  screen_threshold: float = 3.5, screen_patterns: bool = True, label_side: bool = True,
                  label_k: int = 20, label_gate: float = 1.0, label_start_round: int = 1,
                  label_max_probability: float | None = None, isolation_gate: bool = True,
-                 label_confirm: bool = True) -> None:
+                 label_confirm: bool = True, label_pass_trigger: float = 0.7) -> None:
         k = check_positive_int(k, "k")
         self.label_side = check_flag(label_side, "label_side")
         self.label_k = check_positive_int(label_k, "label_k")
         self.label_gate = check_threshold(label_gate, "label_gate")
         self.label_start_round = check_positive_int(label_start_round, "label_start_round", 0)
         self.label_confirm = check_flag(label_confirm, "label_confirm")
+        self.label_pass_trigger = check_threshold(label_pass_trigger, "label_pass_trigger")
         self.label_max_probability = None if label_max_probability is None else check_fraction(
             label_max_probability, "label_max_probability")
         self.screen = check_flag(screen, "screen")
@@ -125,6 +131,12 @@ class DensityPolicy(Policy):
         self._ids: np.ndarray | None = None  # the dataset indices of this round's rows, when the caller gives them
         self._label_low: np.ndarray | None = None  # indices in the low-agreement mode last round
         self._label_opened = False  # the gate has opened in an acting round of this run (it then stays open)
+        self._clean_views: Callable[[], np.ndarray] | None = None  # see use_clean_views
+
+    def use_clean_views(self, provider: Callable[[], np.ndarray] | None) -> None:
+        """For a round whose rows were harvested, the Sanitizer offers ``provider``: it makes a pass over the
+        round's rows and returns their :meth:`cross_class_features` (None after the round)."""
+        self._clean_views = provider
 
     def start_round(self, index: int, candidates: np.ndarray | None = None) -> None:
         self._round = int(index)
@@ -209,8 +221,23 @@ class DensityPolicy(Policy):
         # close the gate on the flips the first open round could not confirm yet: it stays open instead.
         # (Only in a Sanitizer's run of rounds: a policy called on its own has no indices and no memory.)
         latched = self._label_opened and confirmed is not None and self._round >= self.label_start_round
-        flagged, agreement, info = mislabelled(feats, y, self.label_k, -1.0 if latched else self.label_gate,
-                                               self.backend, p_label, self.label_max_probability, confirmed)
+
+        def decide(feats: np.ndarray, p_label: np.ndarray):
+            return mislabelled(feats, y, self.label_k, -1.0 if latched else self.label_gate, self.backend, p_label,
+                               self.label_max_probability, confirmed)
+
+        if self._clean_views is None:
+            flagged, agreement, info = decide(feats, p_label)
+        else:  # harvested rows: pay for a pass only when they hint at flipped labels, or once the gate has latched
+            result = None if latched else decide(feats, p_label)
+            if result is None or result[2]["gate_ratio"] > self.label_pass_trigger:
+                harvested_ratio = None if result is None else result[2]["gate_ratio"]
+                clean = self._clean_views()
+                result = decide(clean[:, num_classes:], 1.0 + clean[np.arange(len(y)), y])
+                result[2].update(views="pass", harvested_gate_ratio=harvested_ratio)
+            else:
+                result[2]["views"] = "harvested"
+            flagged, agreement, info = result
         if ids is not None:
             self._label_low = np.sort(ids[agreement <= LOW_AGREEMENT])  # the low mode, for the next round
         if latched:
@@ -218,8 +245,9 @@ class DensityPolicy(Policy):
         elif info["open"] and ids is not None and self._round >= self.label_start_round:
             self._label_opened = True
         if self._round < self.label_start_round:  # evidence for the next round's confirmation only
+            views = {key: info[key] for key in ("views", "harvested_gate_ratio") if key in info}
             selection.info["label_side"] = {"open": False, "evidence_only": True, "gate_ratio": info["gate_ratio"],
-                                            "low_agreement": info["low_agreement"]}
+                                            "low_agreement": info["low_agreement"], **views}
             return
         dropped = 0
         for c in np.unique(y[flagged]):
