@@ -190,7 +190,12 @@ def sanitizer_record(sanitizer: Sanitizer, is_poison: np.ndarray) -> dict[str, A
             "embedding": sanitizer.embedding, "warmup": sanitizer.warmup, "every": sanitizer.every,
             "action": getattr(sanitizer, "action", "drop"),
             "rounds": [{"epoch": r["epoch"], "dropped": len(r["dropped_now"]),
-                        "poisons": int(is_poison[np.asarray(r["dropped_now"], dtype=np.int64)].sum())}
+                        "poisons": int(is_poison[np.asarray(r["dropped_now"], dtype=np.int64)].sum()),
+                        # where the label side read its features (harvest mode: the rows, or a pass it asked for)
+                        **({"label_views": r["label_side"].get("views"),
+                            "label_gate_ratio": r["label_side"].get("gate_ratio"),
+                            "harvested_gate_ratio": r["label_side"].get("harvested_gate_ratio")}
+                           if "label_side" in r else {})}
                        for r in sanitizer.history],
             "unlearn": [r["unlearn"] for r in sanitizer.history if "unlearn" in r] or None}
 
