@@ -235,6 +235,13 @@ def test_cluster_lists_find_the_neighbours_of_class_features_and_fall_back_when_
     # can split it, so one list holds most rows and the search would cover most pairs: declined
     mass = np.concatenate([x, np.zeros((20000, 24), np.float32)])
     assert neighbors._knn_clusters(mass, 11, seed=0) is None
+    # above CLUSTER_MAX_ROWS (lists cost ~n²/8 pairs, a graph ~n log n) the graph answers directly
+    tried = []
+    monkeypatch.setattr(neighbors, "CLUSTER_MAX_ROWS", len(x) - 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(neighbors, "_knn_clusters", lambda *a: tried.append(a) or None)
+        knn(x, 10, backend="faiss", ivf_threshold=1000, approximate="clusters")
+    assert tried == []
     # a declined or failed answer goes on to the graph, then to exact search
     monkeypatch.setattr(neighbors, "RECALL_FLOOR", 1.01)
     found, _ = knn(iso, 10, backend="faiss", ivf_threshold=1000, approximate="clusters")
