@@ -30,8 +30,8 @@ from sanitizer.distributed import (
 )
 from sanitizer.embeddings import check_embedding_name, embed_outputs, gradient_embeddings, last_linear_of
 from sanitizer.errors import SanitizerError, check_labels, check_map_dataset, check_positive_int
+from sanitizer.harvest import PASSED_TO_SHRINK, SMALL_PROBE, Harvester, label_fit_check, label_fit_counts
 from sanitizer.harvest import PROBE as HARVEST_PROBE
-from sanitizer.harvest import Harvester, label_fit_check, label_fit_counts
 from sanitizer.noise_screen import (
     GROUP_CUT,
     PATCH,
@@ -361,6 +361,7 @@ class Sanitizer:
         self.harvester: Harvester | None = None
         self._harvest_counts: dict[str, Any] | None = None  # what the last harvested embedding took from where
         self._harvest_check_warned = False
+        self._harvest_checks_passed = 0  # label-fit checks passed in a row (then the probe shrinks)
         if harvest and self.embedding not in HARVESTABLE:
             raise SanitizerError(f"harvest=True works with the embeddings {', '.join(HARVESTABLE)}, not "
                                  f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
@@ -789,10 +790,13 @@ class Sanitizer:
     def _check_harvest(self, harvested: np.ndarray, z: torch.Tensor, reduce: bool = False) -> dict:
         """:func:`~sanitizer.harvest.label_fit_check` on a random probe of the ``harvested`` indices (rows ``z``)
         against a pass over the same examples; when it fails, this round embeds with a pass (checked again
-        every round: rows from the first epoch of training can fail where later ones pass).
+        every round: rows from the first epoch of training can fail where later ones pass). After
+        :data:`~sanitizer.harvest.PASSED_TO_SHRINK` passed checks in a row the probe is
+        :data:`~sanitizer.harvest.SMALL_PROBE` examples, until one fails.
         ``reduce``: sum the counts over the ranks (each rank probes its own rows), so all ranks decide alike."""
         rng = np.random.default_rng([self.seed, max(self.epoch, 0)])
-        take = np.sort(rng.choice(len(harvested), min(HARVEST_PROBE // (world_size() if reduce else 1),
+        probe = SMALL_PROBE if self._harvest_checks_passed >= PASSED_TO_SHRINK else HARVEST_PROBE
+        take = np.sort(rng.choice(len(harvested), min(probe // (world_size() if reduce else 1),
                                                       len(harvested)), replace=False))
         indices = harvested[take]
         check = label_fit_counts(0, 0, 0)
@@ -806,6 +810,7 @@ class Sanitizer:
             counts = torch.tensor([check["probe"], check["pass_only"], check["harvest_only"]], dtype=torch.float64)
             total = all_reduce_sum(counts)
             check = label_fit_counts(*(int(v) for v in total))
+        self._harvest_checks_passed = self._harvest_checks_passed + 1 if check["ok"] and check["probe"] else 0
         if not check["ok"] and not self._harvest_check_warned:
             self._harvest_check_warned = True
             warnings.warn(f"at epoch {self.epoch} the harvested rows fit their labels {check['gap']:.0%} worse than a "

@@ -186,9 +186,10 @@ def test_the_harvest_state_survives_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(h, sanitizer.harvester.h) and torch.equal(z, sanitizer.harvester.z)
 
 
-def blob_training(mixup: bool, epochs: int = 4, n: int = 300, seed: int = 0):
-    """Train an MLP on three separable blobs with a harvesting sanitizer (rounds at epochs 2 and 3); with
-    ``mixup`` every batch is blended with a shuffled copy of itself (Beta(1, 1) weight per batch)."""
+def blob_training(mixup: bool, epochs: int = 4, n: int = 300, seed: int = 0, mixup_from: int = 0):
+    """Train an MLP on three separable blobs with a harvesting sanitizer (rounds from epoch 2 on); with
+    ``mixup`` every batch from epoch ``mixup_from`` on is blended with a shuffled copy of itself (Beta(1, 1)
+    weight per batch)."""
     gen = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
     x = torch.randn(n, 6, generator=gen) * 0.5 + 3 * nn.functional.one_hot(y, 6).float()
@@ -208,7 +209,7 @@ def blob_training(mixup: bool, epochs: int = 4, n: int = 300, seed: int = 0):
     for epoch in range(epochs):
         sanitizer.start_epoch(epoch)
         for xb, yb in loader:
-            if mixup:
+            if mixup and epoch >= mixup_from:
                 lam, perm = float(rng.beta(1.0, 1.0)), torch.randperm(len(xb), generator=gen)
                 z = model(lam * xb + (1 - lam) * xb[perm])
                 loss = lam * nn.functional.cross_entropy(z, yb) + (1 - lam) * nn.functional.cross_entropy(z, yb[perm])
@@ -228,6 +229,16 @@ def test_a_mixup_loop_fails_the_label_fit_check_and_rounds_fall_back_to_a_pass()
         assert not check["ok"] and check["gap"] > 0.1 and record["harvest"]["harvested"] == 0
     for rows, passed in captured.values():  # both rounds embed with a pass over the examples
         assert torch.allclose(rows, passed, atol=1e-5)
+
+
+def test_the_probe_shrinks_after_two_passed_checks_and_grows_back_when_one_fails():
+    _, data, sanitizer, _ = blob_training(mixup=False, epochs=6)  # rounds at epochs 2-5
+    assert [r["harvest"]["check"]["probe"] for r in sanitizer.history] == [len(data), len(data), 128, 128]
+    with pytest.warns(UserWarning, match="fit their labels"):  # blending switched on at epoch 4
+        _, data, sanitizer, _ = blob_training(mixup=True, epochs=7, mixup_from=4)
+    checks = [r["harvest"]["check"] for r in sanitizer.history]  # rounds at 2-6; round 4 checks epoch 3's rows
+    assert [c["probe"] for c in checks] == [len(data), len(data), 128, 128, len(data)]
+    assert [c["ok"] for c in checks] == [True, True, True, False, False]  # the small probe sees the blend
 
 
 def test_an_ordinary_loop_that_learns_passes_the_label_fit_check():
