@@ -154,7 +154,10 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
 
 
 # -- approximate search for large classes: HNSW, on a PCA projection when it keeps the variance ----
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 12, 24, 16  # every answer is recall-checked (retry: 2x efSearch)
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 12, 24, 16  # every answer is recall-checked (see _knn_hnsw)
+# efSearch is widened by these factors before the graph gives up: the exact fallback is quadratic, and on a
+# million rows it takes tens of minutes where a wider graph search takes seconds
+HNSW_EF_FACTORS = (1, 2, 4, 8)
 PCA_ENERGY = 0.995  # variance an HNSW graph on a projection must keep; else it is built on x itself
 
 
@@ -191,7 +194,8 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     half the dimensions (then ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the
     full space), else on ``x`` itself up to :data:`RAW_GRAPH_MAX_DIM` dimensions. Every answer is checked:
     its recall@k on :data:`RECALL_SAMPLE` rows searched exactly must reach :data:`RECALL_FLOOR`, first at
-    the default ``efSearch``, then at twice it; else None. Rows of high intrinsic dimension fail it (an
+    the default ``efSearch``, then at 2, 4 and 8 times it (:data:`HNSW_EF_FACTORS`; searching wider costs far
+    less than the exact search that follows a failure); else None. Rows of high intrinsic dimension fail it (an
     isotropic 100k × 256 class: recall 0.36, ``benchmarks/results/scale.md``); penultimate features of a
     trained network pass it (CIFAR-10, 50k × 80: 0.98 at half the exact search's time)."""
     n, dim = x.shape
@@ -209,8 +213,8 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     index = faiss.IndexHNSWFlat(space.shape[1], HNSW_M)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(space)
-    for ef in (max(HNSW_EF_SEARCH, wanted), 2 * max(HNSW_EF_SEARCH, wanted)):
-        index.hnsw.efSearch = ef
+    for factor in HNSW_EF_FACTORS:
+        index.hnsw.efSearch = factor * max(HNSW_EF_SEARCH, wanted)
         d2, idx = index.search(space, wanted)
         if projection is not None:
             d2, idx = rerank(x, idx, k)

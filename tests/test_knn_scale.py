@@ -198,6 +198,18 @@ def test_graph_answers_below_the_recall_floor_fall_back_to_exact_search(monkeypa
     np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
 
 
+def test_a_graph_search_below_the_floor_is_widened_before_the_exact_fallback(monkeypatch):
+    """The exact fallback is quadratic (tens of minutes on a million rows): efSearch doubles up to 8x first."""
+    x = low_rank(3000)
+    recalls = iter([0.90, 0.93, 0.97])  # the third search (4x efSearch) reaches the floor
+    checked, exact = [], []
+    monkeypatch.setattr(neighbors, "sampled_recall", lambda *a, **kw: checked.append(1) or next(recalls))
+    monkeypatch.setattr(neighbors, "exact_knn_blocked", lambda *a, **kw: exact.append(1))
+    d, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
+    assert len(checked) == 3 and exact == [] and idx.shape == (3000, 10)
+    assert neighbors.HNSW_EF_FACTORS == (1, 2, 4, 8)
+
+
 def test_rows_of_more_raw_dimensions_than_a_graph_takes_are_searched_exactly(monkeypatch):
     x = np.random.default_rng(3).normal(size=(1200, 160)).astype(np.float32)  # isotropic: no PCA summary
     built = []
