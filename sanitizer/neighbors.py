@@ -154,7 +154,7 @@ def _knn_faiss(x: np.ndarray, k: int, gpu: bool, ivf_threshold: int, nprobe: int
 
 
 # -- approximate search for large classes: HNSW, on a PCA projection when it keeps the variance ----
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 12, 24, 16  # every answer is recall-checked (see _knn_hnsw)
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 12, 32, 24  # every answer is recall-checked (see _knn_hnsw)
 # efSearch is widened by these factors before the graph gives up: the exact fallback is quadratic, and on a
 # million rows it takes tens of minutes where a wider graph search takes seconds
 HNSW_EF_FACTORS = (1, 2, 4, 8)
