@@ -103,6 +103,11 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
     found = _knn_clusters(x, k + 1, seed) if lists else None
     if graph and found is None:
         found = _knn_hnsw(x, k + 1, seed)
+    if graph and found is None and n > EXACT_WARN_ROWS:
+        warnings.warn(f"no approximate index reached recall@{k} ≥ {RECALL_FLOOR} on these {n} rows (of "
+                      f"{x.shape[1]} dimensions; rows of high intrinsic dimension do this): searching them exactly, "
+                      "which is quadratic and can take minutes. Lower the dimension of the embedding (max_dim) "
+                      "to make the rows searchable", stacklevel=2)
     # exact: the torch kernel, small classes, or rows no graph searches reliably (O(n²), but right)
     if backend == "torch" or (requested == "auto" and backend == "faiss" and n <= ivf_threshold) or \
             (graph and found is None):
@@ -228,6 +233,7 @@ CLUSTER_MAX_COST = 0.25  # pairs computed, as a share of the n² of an exact sea
 # The lists compute ~n²/8 pairs, a graph ~n log n: on CIFAR-10 features the lists are faster up to about
 # 100k rows (one thread: 4.8 vs 7.9 s at 70k, 10.6 vs 12.7 s at 100k), the graph beyond.
 CLUSTER_MAX_ROWS = 100_000
+EXACT_WARN_ROWS = 100_000  # an exact fallback above this many rows takes minutes: say so
 
 
 def _knn_clusters(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:

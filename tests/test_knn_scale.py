@@ -196,6 +196,9 @@ def test_graph_answers_below_the_recall_floor_fall_back_to_exact_search(monkeypa
     monkeypatch.setattr(neighbors, "RECALL_FLOOR", 1.01)  # no graph answer is good enough: exact
     found, idx = knn(x, 10, backend="faiss", ivf_threshold=1000)
     np.testing.assert_allclose(found, exact, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(neighbors, "EXACT_WARN_ROWS", 1000)  # on a large set the quadratic fallback is announced
+    with pytest.warns(UserWarning, match="searching them exactly"):
+        knn(x, 10, backend="faiss", ivf_threshold=1000)
 
 
 def test_a_graph_search_below_the_floor_is_widened_before_the_exact_fallback(monkeypatch):
