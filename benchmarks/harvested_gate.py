@@ -26,9 +26,10 @@ from sanitizer.policies.density import DensityPolicy
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="--record-signals folders")
-    parser.add_argument("--k", type=int, default=DensityPolicy().label_k)
+    defaults = DensityPolicy()  # the library's k, trigger and gate
+    parser.add_argument("--k", type=int, default=defaults.label_k)
     args = parser.parse_args()
-    trigger, gate = DensityPolicy().label_pass_trigger, DensityPolicy().label_gate
+    trigger, gate = defaults.label_pass_trigger, defaults.label_gate
     print(f"trigger {trigger}, gate {gate}, k {args.k}\n")
     print("| run | epoch | R on the pass | R on harvested rows | pass asked for | gate opens on the pass |")
     print("|---|---|---|---|---|---|")
