@@ -7,7 +7,7 @@ and prints per epoch: the training time without the round, the round's embed and
 the epoch, and where the label side read its features. Run it with nothing else on the cores (e.g. under
 ``benchmarks/quiet.sh``): the ratio is only meaningful when the epoch and the round see the same machine.
 
-    python -m benchmarks.round_cost --data-root ../shared/data/cifar10 --epochs 4 --threads 1 --mode harvest
+    python -m benchmarks.round_cost --data-root ../shared/data/cifar10 --epochs 4 --threads 1   # the library default
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data/cifar10")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mode", choices=("harvest", "pass"), default="harvest")
+    parser.add_argument("--mode", choices=("default", "harvest", "pass"), default="default",
+                        help="default: the library's (harvest from 10,000 examples); harvest / pass: forced")
     parser.add_argument("--per-class", type=int, default=0, help="class-balanced subset (a quick check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,7 +40,8 @@ def main() -> None:
         train = take(train, subset_by_class(train, args.per_class, seed=0))
     torch.manual_seed(1000)
     model = CompactCNN(train.images.shape[1], 10, preset.width)  # the preset's victim (ScratchSetting._model)
-    sanitizer = Sanitizer(model, train, warmup=1, every=1, harvest=args.mode == "harvest", verbose=False)
+    harvest = {"default": None, "harvest": True, "pass": False}[args.mode]
+    sanitizer = Sanitizer(model, train, warmup=1, every=1, harvest=harvest, verbose=False)
     config = dataclasses.replace(preset.train_config(1000), epochs=args.epochs)
     result = train_classifier(model, train, config, sanitizer)
     rounds = {r["epoch"]: r for r in sanitizer.history}
@@ -54,7 +56,8 @@ def main() -> None:
             print(f"| {epoch} | {training:.1f} | – | – | – | – |")
             continue
         kind = "screen (once)" if r.get("kind") == "screen" else f"{spent / training:.1%}"
-        views = (r.get("label_side") or {}).get("views", "–")
+        side = r.get("label_side") or {}
+        views = side.get("views", "–") + (f", sampled {side['sampled']}" if "sampled" in side else "")
         print(f"| {epoch} | {training:.1f} | {r['seconds_embed']:.2f} | {r['seconds_select']:.2f} | {kind} | {views} |")
 
 

@@ -130,6 +130,11 @@ class SanitizerCallback(pl.Callback):
                    "; if it does, it was not set up again for this epoch (reload_dataloaders_every_n_epochs=1)")
             )
         self._check_length(trainer)
+        if trainer.world_size > 1 and self._loader is not None and self._loader[2].num_replicas == 1:
+            self.sanitizer.harvest_unmatched("Lightning's DistributedSamplerWrapper splits the kept indices between "
+                                             "ranks, so training rows cannot be matched to examples; with "
+                                             "use_distributed_sampler=False and a DistributedSampler in the wrapped "
+                                             "loader each rank's order is known and harvesting works")
         self._log_round(trainer, pl_module)
 
     def _log_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

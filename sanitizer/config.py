@@ -67,7 +67,7 @@ class SanitizerConfig:
     seed: int = 0
     action: str = "drop"
     unlearn_options: Mapping[str, Any] = field(default_factory=dict)
-    harvest: bool | None = False
+    harvest: bool | None = None
     audit: bool = False
     audit_policies: Sequence[str] = ()
     keep_embeddings: bool = False

@@ -53,6 +53,10 @@ STATE_KEYS = ("version", "size", "keep", "history", "epoch", "seed", "policy")
 # drop: flagged examples leave the training set; unlearn: they also get gradient ascent until the
 # model is at chance on them (sanitizer.unlearn), undoing what they already taught it.
 HARVESTABLE = ("last_layer", "logits", "features")  # embeddings computable from the last layer's input and output
+# harvest=None harvests from this many training examples on. On small sets the train-mode rows are noisier than a
+# pass (planted images, 240: 21 drops against 12 with a pass; digits: the label side's gate needs the pass) and a
+# pass costs seconds; at CIFAR-10 size the rows agree with a pass and the pass is a third of an epoch (docs/harvest.md)
+AUTO_HARVEST_MIN_EXAMPLES = 10_000
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -240,7 +244,8 @@ class Sanitizer:
             before a round instead of a separate pass over the data (:mod:`sanitizer.harvest`): rounds
             cost almost nothing. Needs the sanitizer's sampler (``wrap`` / ``sampler``) and one
             training forward per batch; embeddings ``last_layer``, ``logits`` and ``features``.
-            ``None``: on where the model and embedding allow it, else the separate pass.
+            ``None`` (default): on for training sets of at least ``AUTO_HARVEST_MIN_EXAMPLES`` (10,000)
+            examples where the model and embedding allow it, else the separate pass.
         check: embed one example at construction so that problems surface before training.
         action: ``"drop"`` (default) or ``"unlearn"``: drop, then gradient ascent on the dropped examples
             until the model is at chance on them (``unlearn_options``: ``lr``, ``max_passes``).
@@ -290,7 +295,7 @@ class Sanitizer:
         unlearn_options: dict[str, Any] | None = None,
         to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
         screen_dataset: Dataset | None = None,
-        harvest: bool | None = False,
+        harvest: bool | None = None,
     ) -> None:
         if epochs is None and warmup is None:
             warnings.warn("the sanitizer does not know how long training is: its first round is at epoch 10, then "
@@ -367,7 +372,7 @@ class Sanitizer:
                                  f"{self.embedding!r} (it needs a pass of its own); use harvest=False")
         if check:
             self._check_model_and_data()
-        if harvest or (harvest is None and self.embedding in HARVESTABLE):
+        if harvest or (harvest is None and self.embedding in HARVESTABLE and self.size >= AUTO_HARVEST_MIN_EXAMPLES):
             self._start_harvest(required=bool(harvest))
 
     @classmethod
@@ -832,6 +837,13 @@ class Sanitizer:
         self.harvester = Harvester(self.size)
         self.harvester.attach(layer)
 
+    def harvest_unmatched(self, reason: str) -> None:
+        """The training rows cannot be matched to examples in this setup: rounds embed with a separate pass
+        (``reason`` goes to every round's record). Silent when harvesting was automatic (``harvest=None``),
+        a warning when it was asked for (``harvest=True``). Integrations call it when they detect such a setup."""
+        if self.harvester is not None and not self.harvester.broken:
+            self.harvester.turn_off(reason, warn=bool(self.harvest))
+
     def _last_linear(self) -> nn.Linear:
         """The layer whose input and output harvest mode captures (found on one example when not given)."""
         if self.last_layer is None:
@@ -867,6 +879,10 @@ class Sanitizer:
         (``length``: a fixed epoch length, see :class:`~sanitizer.sampler.KeepSampler`)."""
         s = KeepSampler(self.keep_mask, shuffle, self.seed if seed is None else seed, num_replicas, rank, drop_last,
                         length)
+        if num_replicas == 1 and world_size() > 1:
+            self.harvest_unmatched("under torch.distributed this sampler yields every rank's indices and another "
+                                   "sampler (e.g. accelerate's) splits them, so harvested rows cannot be matched to "
+                                   "examples; pass num_replicas and rank to sampler() to harvest")
         if self.harvester is not None:
             s.on_order = self.harvester.start_order
         s.set_epoch(max(self.epoch, 0))

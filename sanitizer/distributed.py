@@ -126,7 +126,8 @@ def position_holders(positions: np.ndarray, n: int) -> np.ndarray:
     rule as :func:`gather_rows_by_position`). Collective: every rank must call it."""
     holders = np.full(n, -1, dtype=np.int64)
     for source, part in enumerate(_all_gather_uneven(torch.as_tensor(np.asarray(positions, dtype=np.int64))[:, None])):
-        holders[part[:, 0].numpy()] = source
+        if len(part):  # (when no rank holds any position the parts are [0, 0])
+            holders[part[:, 0].numpy()] = source
     return holders
 
 

@@ -46,6 +46,7 @@ class Harvester:
         self.seen_epoch = np.full(self.size, -1, dtype=np.int64)
         self.broken: str | None = None  # why harvested rows can no longer be trusted
         self._order: np.ndarray | None = None
+        self._filled = 0  # positions of the current order already stored (a checkpoint flushes mid-epoch)
         self._epoch = -1
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handle = None
@@ -71,6 +72,8 @@ class Harvester:
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not module.training or not torch.is_grad_enabled() or self.broken or self._order is None:
             return
+        if self._layer is None:  # an unpickled copy (Lightning's ddp_spawn): the hook sits on one layer, this one
+            self._layer = module
         if module is not self._layer:  # a replica (nn.DataParallel): chunks of a batch arrive from threads
             self._break("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
             return
@@ -85,6 +88,7 @@ class Harvester:
         rows captured under the previous order, then match the coming rows against this one."""
         self.flush()
         self._order = np.asarray(order, dtype=np.int64)
+        self._filled = 0
         self._epoch = int(epoch)
 
     def flush(self) -> None:
@@ -96,17 +100,29 @@ class Harvester:
         self._buffer.clear()
         if self.broken or self._order is None:
             return
-        if len(h) > len(self._order):
-            self._break(f"{len(h)} training rows reached the last layer while the sampler yielded {len(self._order)} "
+        start, stop = self._filled, self._filled + len(h)
+        if stop > len(self._order):
+            self._break(f"{stop} training rows reached the last layer while the sampler yielded {len(self._order)} "
                         "indices (more than one training forward per batch, or a second training loader?)")
             return
         if self.h is None:
             self.h = torch.zeros(self.size, h.shape[1])
             self.z = torch.zeros(self.size, z.shape[1])
-        index = torch.from_numpy(self._order[:len(h)])
-        self.h[index] = h
-        self.z[index] = z
-        self.seen_epoch[self._order[:len(h)]] = self._epoch
+        positions = self._order[start:stop]
+        self.h[torch.from_numpy(positions)] = h
+        self.z[torch.from_numpy(positions)] = z
+        self.seen_epoch[positions] = self._epoch
+        self._filled = stop
+
+    def turn_off(self, reason: str, warn: bool = True) -> None:
+        """Stop harvesting for the rest of training (rounds then embed with a pass): ``reason`` goes to
+        every round's record; ``warn=False`` when harvesting was only automatic (``harvest=None``)."""
+        self.broken = reason
+        self._buffer.clear()
+        self.detach()
+        if warn:
+            warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate "
+                          "pass instead (correct, but slower).", stacklevel=3)
 
     def _break(self, reason: str) -> None:
         self.broken = reason

@@ -77,10 +77,13 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT_LIMIT,
-        nprobe: int = 16, seed: int = 0, approximate: str = "hnsw") -> tuple[np.ndarray, np.ndarray]:
+        nprobe: int = 16, seed: int = 0, approximate: str = "hnsw",
+        queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances and indices of the ``k`` nearest *other* points of each row of ``x``.
 
-    Returns ``(dist [n, k], idx [n, k])`` sorted by distance. Requires ``k < n``. Above
+    Returns ``(dist [n, k], idx [n, k])`` sorted by distance. Requires ``k < n``. With ``queries`` (row
+    indices) only those rows' neighbours are returned (``[len(queries), k]``, among all rows): the k-means
+    lists then search only those rows (a cost in proportion); the other paths search every row. Above
     ``ivf_threshold`` points the CPU faiss path is approximate: ``approximate="hnsw"`` (default;
     every answer's recall@k is checked on a sample and must reach 0.95, else the rows are searched exactly;
     ``benchmarks/scale.py``), ``"clusters"`` (k-means lists searched by blocks of matmul, checked the same
@@ -97,12 +100,14 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
         raise ValueError(f"k must be in [1, {n - 1}] for {n} points, got {k}")
     if approximate not in APPROXIMATE:
         raise ValueError(f"unknown approximate index {approximate!r}; choose one of {APPROXIMATE}")
+    rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     requested, backend = backend, resolve_backend(backend)
     graph = backend == "faiss" and n > ivf_threshold and approximate in ("hnsw", "clusters")
     lists = graph and approximate == "clusters" and n <= CLUSTER_MAX_ROWS
-    found = _knn_clusters(x, k + 1, seed) if lists else None
+    found = _knn_clusters(x, k + 1, seed, queries) if lists else None
     if graph and found is None:
         found = _knn_hnsw(x, k + 1, seed)
+        found = found if found is None or queries is None else (found[0][rows], found[1][rows])
     if graph and found is None and n > EXACT_WARN_ROWS:
         warnings.warn(f"no approximate index reached recall@{k} ≥ {RECALL_FLOOR} on these {n} rows (of "
                       f"{x.shape[1]} dimensions; rows of high intrinsic dimension do this): searching them exactly, "
@@ -112,18 +117,22 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
     if backend == "torch" or (requested == "auto" and backend == "faiss" and n <= ivf_threshold) or \
             (graph and found is None):
         d2, idx = exact_knn_blocked(torch.from_numpy(x), k)
-        return np.sqrt(d2.numpy()), idx.numpy()
+        return np.sqrt(d2.numpy())[rows], idx.numpy()[rows]
     if graph:
         d2, idx = found
     else:
         d2, idx = _knn_faiss(x, k + 1, backend == "faiss-gpu", ivf_threshold, nprobe, seed)
-    return _drop_self(d2, idx, k)
+        d2, idx = d2[rows], idx[rows]
+    return _drop_self(d2, idx, k, rows)
 
 
-def _drop_self(d2: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each point from its own neighbour list (it may not come first when there are ties)."""
+def _drop_self(d2: np.ndarray, idx: np.ndarray, k: int,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each point (row ``rows[i]`` of the data, default ``i``) from its own neighbour list (it may not
+    come first when there are ties)."""
     n = len(idx)
-    is_self = idx == np.arange(n)[:, None]
+    rows = np.arange(n) if rows is None else rows
+    is_self = idx == rows[:, None]
     # Rows where self was not returned (approximate search): drop the last column instead.
     missing = ~is_self.any(1)
     is_self[missing, -1] = True
@@ -236,7 +245,8 @@ CLUSTER_MAX_ROWS = 100_000
 EXACT_WARN_ROWS = 100_000  # an exact fallback above this many rows takes minutes: say so
 
 
-def _knn_clusters(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _knn_clusters(x: np.ndarray, k: int, seed: int,
+                  queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Approximate ``k`` nearest neighbours (self included) by k-means lists: the members of each of the
     √n lists are searched exactly (one matmul and top-k) against the members of the lists whose centroids
     are nearest its own (an eighth, then a quarter of the lists). The answer is checked as the graph's is (recall@k on
@@ -244,8 +254,12 @@ def _knn_clusters(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     unequal that the search would compute more than :data:`CLUSTER_MAX_COST` of all pairs (rows of high
     intrinsic dimension, or a mass of identical rows such as the zero gradients of confidently fit
     examples). On CIFAR-10's penultimate features (50k × 80) it takes two thirds of the graph's time at a
-    higher recall (0.98 against 0.97; ``benchmarks/label_search.py``)."""
+    higher recall (0.98 against 0.97; ``benchmarks/label_search.py``). With ``queries`` only those rows are
+    searched (and checked), and only their ``[len(queries), k]`` answers are returned."""
     n, dim = x.shape
+    asked = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    is_query = np.zeros(n, dtype=bool)
+    is_query[asked] = True
     nlist = max(2, int(np.sqrt(n)))
     sample = x[np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)]
     kmeans = faiss.Kmeans(dim, nlist, niter=10, seed=seed, max_points_per_centroid=64)
@@ -259,35 +273,42 @@ def _knn_clusters(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     start = np.concatenate([[0], np.cumsum(counts)])
     rows = torch.from_numpy(x[order])
     sq = (rows * rows).sum(1)
+    query_sorted = is_query[order]
     base = max(2, int(np.ceil(CLUSTER_PROBE_SHARE * nlist)))
     for nprobe in (base, 2 * base):
         probes = nearest[:, :nprobe]
         reach = counts[probes].sum(1)
         if (counts * reach).sum() > CLUSTER_MAX_COST * n * n or reach[counts > 0].min() < k:
             return None
-        d2 = torch.empty(n, k)
-        idx = torch.empty(n, k, dtype=torch.int64)
+        d2 = torch.full((n, k), float("inf"))
+        idx = torch.zeros(n, k, dtype=torch.int64)
         for c in np.flatnonzero(counts):
+            members = np.arange(start[c], start[c + 1])
+            members = torch.from_numpy(members[query_sorted[members]])
+            if not len(members):
+                continue
             cand = torch.from_numpy(np.concatenate([np.arange(start[p], start[p + 1]) for p in probes[c]]))
             pad = -len(cand) % GROUP
             cols = _padded(rows[cand], pad)
-            g = torch.addmm(_padded(sq[cand], pad, float("inf"))[None], rows[start[c]:start[c + 1]], cols.T, alpha=-2)
+            g = torch.addmm(_padded(sq[cand], pad, float("inf"))[None], rows[members], cols.T, alpha=-2)
             val, pos = _smallest_k(g, k)
-            d2[start[c]:start[c + 1]] = (val + sq[start[c]:start[c + 1], None]).clamp_min_(0)
-            idx[start[c]:start[c + 1]] = cand[pos]
+            d2[members] = (val + sq[members, None]).clamp_min_(0)
+            idx[members] = cand[pos]
         found_d2, found_idx = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
         found_d2[order], found_idx[order] = d2.numpy(), order[idx.numpy()]  # sorted positions -> rows
-        if sampled_recall(x, found_idx, seed=seed) >= RECALL_FLOOR:
-            return found_d2, found_idx
+        if sampled_recall(x, found_idx, seed=seed, among=asked) >= RECALL_FLOOR:
+            return found_d2[asked], found_idx[asked]
     return None
 
 
-def sampled_recall(x: np.ndarray, idx: np.ndarray, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
+def sampled_recall(x: np.ndarray, idx: np.ndarray, sample: int = RECALL_SAMPLE, seed: int = 0,
+                   among: np.ndarray | None = None) -> float:
     """Recall of the neighbour lists ``idx [n, k]`` (self included, as a search of ``x`` against itself
-    returns them) on ``sample`` random rows searched exactly: the share of returned neighbours whose exact
-    distance is within the true k-th smallest (ties count)."""
+    returns them) on ``sample`` random rows (of ``among``, default all) searched exactly: the share of
+    returned neighbours whose exact distance is within the true k-th smallest (ties count)."""
     n, k = idx.shape
-    rows = np.random.default_rng(seed).choice(n, min(n, sample), replace=False)
+    pool = np.arange(n) if among is None else np.asarray(among)
+    rows = np.random.default_rng(seed).choice(pool, min(len(pool), sample), replace=False)
     data = torch.from_numpy(x)
     sq = (data * data).sum(1)
     d2 = torch.addmm(sq[None], data[rows], data.T, alpha=-2)
@@ -461,6 +482,9 @@ def class_isolation_factored(e, h, k: int, block: int | None = None,
     return dist.mean(1)[inverse]
 
 
+FACTOR_NORM_MAX = 1e30  # squared norms of the factors above this would overflow float32 products of two of them
+
+
 def outer_product_factors(x: np.ndarray, num_classes: int, rtol: float = 1e-4) -> tuple[np.ndarray, np.ndarray] | None:
     """``(e [n, C], h1 [n, m])`` with ``x[i] = e[i] ⊗ h1[i]`` and ``h1[:, -1] = 1``, when the rows of ``x``
     are exactly such outer products (the explicit last-layer embedding of
@@ -480,6 +504,10 @@ def outer_product_factors(x: np.ndarray, num_classes: int, rtol: float = 1e-4) -
     if bool((scale == 0).any()):
         return None
     h1 = rows[everyone, pivot] / scale[:, None]
+    # a bias gradient near float32's smallest normals makes h1 huge: its squared norm would overflow the factored
+    # distances (then inf and NaN isolation), so such rows take the explicit path
+    if max(float(f.double().square().sum(1).max()) for f in (e, h1)) > FACTOR_NORM_MAX:
+        return None
     error = torch.linalg.vector_norm(torch.addcmul(-rows, e[:, :, None], h1[:, None, :]))
     if float(error) > rtol * max(float(torch.linalg.vector_norm(rows)), 1e-30):
         return None

@@ -33,7 +33,7 @@ def _train(rank: int, world: int, out_dir: str | None) -> dict:
     dataset, _ = planted_dataset()
     model = tiny_mlp()
     net = DistributedDataParallel(model) if world > 1 else model
-    sanitizer = Sanitizer(net, dataset, warmup=1, every=1, seed=0)
+    sanitizer = Sanitizer(net, dataset, warmup=1, every=1, seed=0, harvest=False)  # the pass path
     if world > 1:
         base = DataLoader(dataset, batch_size=LOCAL_BATCH, sampler=DistributedSampler(dataset, shuffle=True, seed=0))
     else:  # the same global batch as WORLD ranks of LOCAL_BATCH
@@ -103,7 +103,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         torch.testing.assert_close(r["rows"], direct, rtol=1e-5, atol=1e-6)
 
     # The same round as one process: same weights and mask in, the same mask and scores out.
-    reference = Sanitizer(model, dataset, warmup=1, every=1, seed=0)
+    reference = Sanitizer(model, dataset, warmup=1, every=1, seed=0, harvest=False)
     reference.keep = ranks[0]["keep"].numpy().copy()
     reference.run_round(EPOCHS)
     assert np.array_equal(reference.keep, ranks[0]["keep_after"].numpy())

@@ -1,6 +1,8 @@
 """Harvest mode: rounds embed from the training steps, keyed by index through the sampler's order."""
 
 import copy
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sanitizer import Sanitizer
+from sanitizer.core import AUTO_HARVEST_MIN_EXAMPLES
 from sanitizer.embeddings import gradient_embeddings
 from sanitizer.errors import SanitizerError
 
@@ -83,12 +86,18 @@ def test_two_forwards_per_batch_turn_harvest_off_with_a_warning_and_rounds_still
     assert sanitizer.history[-1]["harvest"]["harvested"] == 0
 
 
-def test_eval_forwards_and_no_grad_forwards_are_not_harvested():
+def harvesting_epoch(warmup: int):
+    """A harvest-mode sanitizer at the start of epoch 0, the model in train mode: (model, data, sanitizer, loader)."""
     model, data = mlp_and_data()
-    sanitizer = Sanitizer(model, data, policy="none", warmup=1, every=1, harvest=True, verbose=False)
+    sanitizer = Sanitizer(model, data, policy="none", warmup=warmup, every=1, harvest=True, verbose=False)
     loader = sanitizer.wrap(DataLoader(data, batch_size=16, shuffle=True))
     sanitizer.start_epoch(0)
     model.train()
+    return model, data, sanitizer, loader
+
+
+def test_eval_forwards_and_no_grad_forwards_are_not_harvested():
+    model, data, sanitizer, loader = harvesting_epoch(warmup=1)
     with torch.no_grad():
         for x, _ in loader:
             model(x)
@@ -167,8 +176,8 @@ def test_automatic_harvest_keeps_the_pass_where_it_cannot_hook_and_explicit_harv
     _, data = mlp_and_data()
     auto = Sanitizer(NoLinear(), data, embedding="logits", harvest=None, epochs=3, verbose=False)
     assert auto.harvester is None
-    model, _ = mlp_and_data()
-    assert Sanitizer(model, data, harvest=None, epochs=3, verbose=False).harvester is not None
+    model, big = mlp_and_data(n=AUTO_HARVEST_MIN_EXAMPLES)
+    assert Sanitizer(model, big, harvest=None, epochs=3, verbose=False).harvester is not None
     with pytest.raises(SanitizerError, match="nn.Linear"):
         Sanitizer(NoLinear(), data, embedding="logits", harvest=True, epochs=3, verbose=False)
 
@@ -292,3 +301,57 @@ def test_harvest_rounds_make_a_pass_for_the_label_side_only_when_the_rows_hint_a
         assert np.isin(np.flatnonzero(flipped), sanitizer.dropped).mean() >= 0.8
     else:
         assert all(side["views"] == "harvested" for side in sides) and not any(side["open"] for side in sides)
+
+
+def test_the_default_harvests_from_ten_thousand_examples_and_makes_a_pass_below():
+    model, small = mlp_and_data(n=AUTO_HARVEST_MIN_EXAMPLES - 1)
+    assert Sanitizer(model, small, epochs=3, verbose=False).harvester is None  # a pass over a small set costs little
+    model, big = mlp_and_data(n=AUTO_HARVEST_MIN_EXAMPLES)
+    assert Sanitizer(model, big, epochs=3, verbose=False).harvester is not None
+
+
+def test_a_checkpoint_taken_mid_epoch_leaves_the_later_rows_at_their_examples():
+    model, data, sanitizer, loader = harvesting_epoch(warmup=5)
+    for step, (x, _) in enumerate(loader):
+        model(x)
+        if step == 1:
+            sanitizer.state_dict()  # flushes the rows so far, mid-epoch
+    _, z, have = sanitizer.harvester.rows(np.arange(len(data)), since_epoch=0)
+    assert have.all()
+    torch.testing.assert_close(z, model(data.tensors[0]).detach())  # every row at its own example
+
+
+def test_an_unpickled_model_and_harvester_keep_harvesting():
+    """Lightning's ddp_spawn pickles the model with its hook and the sanitizer: the copies must still match rows."""
+    model, data = mlp_and_data()
+    sanitizer = Sanitizer(model, data, policy="none", warmup=5, every=1, harvest=True, verbose=False)
+    copy_model, copy_harvester = pickle.loads(pickle.dumps((model, sanitizer.harvester)))
+    order = np.random.default_rng(0).permutation(len(data))
+    copy_harvester.start_order(order, epoch=0)
+    copy_model.train()
+    x = data.tensors[0]
+    copy_model(x[order])
+    _, z, have = copy_harvester.rows(np.arange(len(data)), since_epoch=0)
+    assert copy_harvester.broken is None and have.all()
+    torch.testing.assert_close(z, copy_model(x).detach())
+
+
+def test_a_sampler_that_leaves_the_split_to_another_turns_harvest_off(monkeypatch):
+    """Under torch.distributed a sampler yielding every rank's indices (accelerate or Lightning split them
+    afterwards) cannot tell which rows this rank trained on: a pass instead, with a warning only when asked."""
+    import sanitizer.core as core
+
+    model, data = mlp_and_data()
+    asked = Sanitizer(model, data, harvest=True, epochs=3, verbose=False)
+    model, big = mlp_and_data(n=AUTO_HARVEST_MIN_EXAMPLES)
+    automatic = Sanitizer(model, big, epochs=3, verbose=False)
+    split = Sanitizer(model, big, epochs=3, verbose=False)
+    monkeypatch.setattr(core, "world_size", lambda: 2)
+    with pytest.warns(UserWarning, match="cannot be matched"):
+        asked.sampler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        automatic.sampler()
+        split.sampler(num_replicas=2, rank=0)  # this rank's own indices: harvesting goes on
+    assert "cannot be matched" in asked.harvester.broken and "cannot be matched" in automatic.harvester.broken
+    assert split.harvester.broken is None

@@ -328,3 +328,30 @@ def test_softmax_errors_of_confident_predictions_are_flushed_at_the_source():
     expected = torch.softmax(z, 1) - torch.nn.functional.one_hot(torch.tensor([0, 1]), 3)
     assert torch.count_nonzero(e[0]) == 0  # 1 − p rounds to 0 in float32, and the rest is flushed
     torch.testing.assert_close(e[1], expected[1])
+
+
+@pytest.mark.parametrize("options", [dict(backend="torch"), dict(backend="faiss"),
+                                     dict(backend="faiss", ivf_threshold=1000, approximate="clusters"),
+                                     dict(backend="faiss", ivf_threshold=1000, approximate="hnsw")])
+def test_the_neighbours_of_some_queries_are_those_rows_of_the_full_search(options):
+    x = class_features()
+    queries = np.sort(np.random.default_rng(0).choice(len(x), 500, replace=False))
+    full_d, full_idx = knn(x, 10, **options)
+    d, idx = knn(x, 10, queries=queries, **options)
+    assert d.shape == idx.shape == (500, 10)
+    assert not (idx == queries[:, None]).any()  # never one's own neighbour
+    np.testing.assert_allclose(d, full_d[queries], rtol=1e-4, atol=1e-4)
+    assert np.mean(idx == full_idx[queries]) >= 0.99  # (ties may swap)
+
+
+def test_rows_whose_factors_would_overflow_take_the_explicit_path():
+    """Found by hypothesis: a bias gradient of 3.9e-38 makes h = 1 / 3.9e-38, whose squared norm overflows
+    float32, and the factored isolation came out inf and NaN."""
+    from sanitizer import select
+    from sanitizer.neighbors import outer_product_factors
+
+    x = np.array([[0, 0, 0, 1], [0, 0, 1, 3.87991323e-38], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 1]], np.float32)
+    assert outer_product_factors(x, 2) is None
+    assert outer_product_factors(np.array([[0, 0, 2, 1], [0, 0, 1, 0.5]], np.float32), 2) is not None
+    sel = select(x, np.array([1, 1, 1, 0, 1]), policy="density", num_classes=2)
+    assert np.isfinite(sel.scores).all()

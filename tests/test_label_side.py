@@ -233,3 +233,53 @@ def test_harvested_rows_ask_for_a_pass_only_when_they_hint_at_flipped_labels():
     assert calls == ["pass"] and side["views"] == "harvested" and not side["open"]
     with pytest.raises(ValueError, match="label_pass_trigger"):
         DensityPolicy(label_pass_trigger=-1)
+
+
+def large_round(flip_rate: float, n: int = 40_000, seed: int = 0):
+    """Penultimate-feature-like rows of a round above GATE_SAMPLE_MIN_ROWS: ten overlapping classes."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = (rng.normal(size=(10, 16)) * 2.5)[y] + rng.normal(size=(n, 16))
+    flipped = rng.random(n) < flip_rate
+    labels = np.where(flipped, (y + rng.integers(1, 10, n)) % 10, y)
+    return x.astype(np.float32), labels, flipped
+
+
+def test_a_large_clean_round_bounds_the_gate_on_a_sample_and_skips_the_full_search(monkeypatch):
+    import sanitizer.label_agreement as side
+
+    x, labels, _ = large_round(flip_rate=0.0)
+    assert len(labels) >= side.GATE_SAMPLE_MIN_ROWS
+    searched = []
+    real = side._agreeing_neighbours
+    monkeypatch.setattr(side, "_agreeing_neighbours",
+                        lambda *a, **kw: searched.append(kw.get("queries")) or real(*a, **kw))
+    flagged, agreement, info = mislabelled(x, labels, k=20, skip_below=0.7)
+    assert not flagged.any() and not info["open"]
+    assert info["sampled"] == side.GATE_SAMPLE and info["gate_ratio"] <= info["gate_ratio_upper"] <= 0.7
+    assert len(searched) == 1 and len(searched[0]) == side.GATE_SAMPLE  # the sample only
+    assert np.isnan(agreement).sum() == len(labels) - side.GATE_SAMPLE
+    # the estimate is the full search's ratio within its sampling error
+    assert abs(info["gate_ratio"] - gate_ratio(label_agreement(x, labels, k=20))) < 0.1
+
+
+def test_a_large_round_with_flipped_labels_goes_on_to_the_full_search():
+    x, labels, flipped = large_round(flip_rate=0.1)
+    flagged, _, info = mislabelled(x, labels, k=20, skip_below=0.7)
+    assert "sampled" not in info and info["open"]
+    assert flagged[flipped].mean() >= 0.9 and flipped[flagged].mean() >= 0.8
+
+
+def test_the_sampled_gate_bound_covers_the_true_ratio():
+    """The approximation: R from GATE_SAMPLE random examples, bounded above with Poisson counts. Over many
+    samples of a known population the bound must cover the true R at least 95 % of the time, and not by much."""
+    from sanitizer.label_agreement import GATE_SAMPLE, gate_ratio_upper
+
+    rng = np.random.default_rng(0)
+    population = rng.choice([0.0, 0.05, 0.3, 0.45, 0.9], p=[0.03, 0.02, 0.05, 0.04, 0.86], size=50_000)
+    true = gate_ratio(population)
+    draws = [rng.choice(population, GATE_SAMPLE, replace=False) for _ in range(300)]
+    upper = np.array([gate_ratio_upper(d) for d in draws])
+    estimates = np.array([gate_ratio(d) for d in draws])
+    assert np.mean(upper >= true) >= 0.95
+    assert np.mean(upper) - true < 4 * estimates.std()  # about two standard errors above, not a blanket bound

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from planted import planted_dataset, tiny_mlp, weights
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from sanitizer import Sanitizer
 from sanitizer.errors import SanitizerError
@@ -221,3 +221,45 @@ def test_harvest_mode_drops_the_planted_points(tmp_path):
     _trainer(tmp_path, [callback], enable_checkpointing=False).fit(model, train_dataloaders=loader)
     assert all(r["harvest"]["harvested"] == r["candidates"] for r in sanitizer.history)
     assert set(planted) <= set(sanitizer.dropped.tolist())
+
+
+class _RankLoaderLit(LitClassifier):
+    """Builds its own rank's loader (use_distributed_sampler=False): a DistributedSampler that wrap() keeps."""
+
+    def __init__(self, dataset, callback_box: list) -> None:
+        super().__init__()
+        self.dataset, self.callback_box = dataset, callback_box
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size, rank=self.global_rank)
+        return self.callback_box[0].wrap(DataLoader(self.dataset, batch_size=32, sampler=sampler))
+
+
+class _RecordHarvest(L.Callback):
+    def __init__(self, sanitizer: Sanitizer, out_dir: str) -> None:
+        self.sanitizer, self.out_dir = sanitizer, out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rounds = [r["harvest"] for r in self.sanitizer.history]
+        torch.save({"keep": torch.from_numpy(self.sanitizer.keep.copy()),
+                    "candidates": torch.tensor([r["candidates"] for r in self.sanitizer.history]),
+                    "harvested": torch.tensor([r["harvested"] for r in rounds]),
+                    "off": [r["off"] or "" for r in rounds]}, f"{self.out_dir}/harvest{trainer.global_rank}.pt")
+
+
+def test_ddp_spawn_harvests_each_ranks_rows_with_its_own_distributed_sampler(tmp_path):
+    """ddp_spawn pickles the model (with its hook) and the sanitizer into each process; with each rank's
+    order known (its DistributedSampler), the last round takes every candidate's row from training."""
+    dataset, planted = planted_dataset()
+    box: list = []
+    model = _RankLoaderLit(dataset, box)
+    sanitizer = Sanitizer(model, dataset, warmup=1, every=2, seed=0, harvest=True, verbose=False)
+    box.append(SanitizerCallback(sanitizer))
+    trainer = _trainer(tmp_path, [box[0], _RecordHarvest(sanitizer, str(tmp_path))], max_epochs=4,
+                       strategy="ddp_spawn", devices=2, enable_checkpointing=False, use_distributed_sampler=False)
+    trainer.fit(model)
+    ranks = [torch.load(tmp_path / f"harvest{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["keep"], ranks[1]["keep"])
+    assert set(planted) <= set(np.flatnonzero(~ranks[0]["keep"].numpy()).tolist())
+    assert ranks[0]["off"] == ["", ""]  # harvesting stayed on in both rounds (no replica, no mismatch)
+    assert ranks[0]["harvested"][-1] == ranks[0]["candidates"][-1] > 0  # every candidate of the epoch-3 round

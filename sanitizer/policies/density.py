@@ -222,18 +222,19 @@ class DensityPolicy(Policy):
         # (Only in a Sanitizer's run of rounds: a policy called on its own has no indices and no memory.)
         latched = self._label_opened and confirmed is not None and self._round >= self.label_start_round
 
-        def decide(feats: np.ndarray, p_label: np.ndarray):
+        def decide(feats: np.ndarray, p_label: np.ndarray, skip_below: float):
+            # a large round skips the full search when a sample bounds R below skip_below (none once latched)
             return mislabelled(feats, y, self.label_k, -1.0 if latched else self.label_gate, self.backend, p_label,
-                               self.label_max_probability, confirmed)
+                               self.label_max_probability, confirmed, skip_below=None if latched else skip_below)
 
         if self._clean_views is None:
-            flagged, agreement, info = decide(feats, p_label)
+            flagged, agreement, info = decide(feats, p_label, self.label_gate)
         else:  # harvested rows: pay for a pass only when they hint at flipped labels, or once the gate has latched
-            result = None if latched else decide(feats, p_label)
+            result = None if latched else decide(feats, p_label, min(self.label_pass_trigger, self.label_gate))
             if result is None or result[2]["gate_ratio"] > self.label_pass_trigger:
                 harvested_ratio = None if result is None else result[2]["gate_ratio"]
                 clean = self._clean_views()
-                result = decide(clean[:, num_classes:], 1.0 + clean[np.arange(len(y)), y])
+                result = decide(clean[:, num_classes:], 1.0 + clean[np.arange(len(y)), y], self.label_gate)
                 result[2].update(views="pass", harvested_gate_ratio=harvested_ratio)
             else:
                 result[2]["views"] = "harvested"
