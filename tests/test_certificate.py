@@ -449,6 +449,8 @@ def test_the_report_says_whether_the_label_side_acted_in_each_round(run, tmp_pat
     assert label_side_summary(opened) == "open (gate ratio 1.44, cut 1): 171 flagged, 30 dropped by it alone"
     assert label_side_summary({"gate_ratio": 0.5, "gate": 1.0, "open": False}).startswith("closed (gate ratio 0.50")
     assert label_side_summary(None) == "–"
+    sampled = {"gate_ratio": 0.55, "gate_ratio_upper": 0.6, "sampled": 8192, "gate": 1.0, "open": False}
+    assert label_side_summary(sampled) == "closed (gate ratio 0.55 on 8,192 sampled examples, at most 0.60, cut 1)"
     cert = copy.deepcopy(run["cert"])
     cert["audit"]["rounds"][-1]["label_side"] = opened
     html = write_report(cert, tmp_path / "report").read_text()

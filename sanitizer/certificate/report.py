@@ -76,6 +76,9 @@ def label_side_summary(side: dict | None) -> str:
         return f"skipped: {side['skipped']}"
     state = "open" if side.get("open") else "closed"
     text = f"{state} (gate ratio {side.get('gate_ratio', float('nan')):.2f}, cut {side.get('gate', 1.0):g})"
+    if "sampled" in side:
+        text = (f"{state} (gate ratio {side['gate_ratio']:.2f} on {side['sampled']:,} sampled examples, at most "
+                f"{side['gate_ratio_upper']:.2f}, cut {side.get('gate', 1.0):g})")
     if side.get("open"):
         text += f": {side.get('flagged', 0)} flagged, {side.get('dropped_by_label_side_only', 0)} dropped by it alone"
     return text
