@@ -94,7 +94,8 @@ class SanitizerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise SanitizerError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (self.harvest is None or isinstance(self.harvest, bool)):
-            raise SanitizerError(f"harvest must be True, False or None (on where possible), got {self.harvest!r}")
+            raise SanitizerError(f"harvest must be True, False or None (the default: on from 10,000 examples where "
+                                 f"the model allows it), got {self.harvest!r}")
         for name in ("policy_options", "unlearn_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise SanitizerError(f"{name} must be a dict of options, got {type(getattr(self, name)).__name__}")
