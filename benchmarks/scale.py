@@ -8,6 +8,7 @@ factored kNN of last-layer gradients against sketch + faiss.
     python -m benchmarks.scale --factored               # factored kNN vs sketch + faiss (one thread)
     python -m benchmarks.scale --policy-round --threads 1  # the policy's select, factored vs explicit rows
     python -m benchmarks.scale --compare-backends --threads 1   # 50k round: faiss flat vs auto, side by side
+    python -m benchmarks.scale --rerank --threads 2     # re-ranking graph candidates: faiss vs torch, side by side
 
 Each configuration runs in a fresh subprocess, so its peak resident memory (ru_maxrss, which includes
 the input embeddings and the interpreter with torch and faiss) is its own. Wall and CPU seconds are
@@ -281,6 +282,30 @@ def factored_vs_sketch(sizes, classes_list, dims, max_dim: int, k: int = 10) -> 
                       f"| {recall:.3f} | {rho:.3f} |", flush=True)
 
 
+def compare_rerank(n: int, dim: int, threads: int, repeats: int = 2) -> None:
+    """The HNSW path's re-ranking of 16 graph candidates per row on one n-row class of gradient data: faiss's
+    flat-index distances (the library) against the torch gather (without faiss), interleaved in one process."""
+    import faiss
+
+    from sanitizer import neighbors
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    x, y = make_data("gradient", 2 * n, 2, dim, None)
+    rows = np.ascontiguousarray(x[y == 0])
+    mean, basis = neighbors.pca_projection(rows)
+    space = np.ascontiguousarray((rows - mean) @ basis)
+    graph = faiss.IndexHNSWFlat(space.shape[1], neighbors.HNSW_M)
+    graph.add(space)
+    _, candidates = graph.search(space, 16)
+    ways = {"faiss": neighbors.rerank, "torch": neighbors._rerank_torch}
+    for _ in range(repeats):
+        for name, rerank in ways.items():
+            t0 = time.perf_counter()
+            rerank(rows, candidates, 11)
+            print(f"{len(rows)} x {dim}, 16 candidates per row: {name} {time.perf_counter() - t0:.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
@@ -303,6 +328,7 @@ def main() -> None:
     parser.add_argument("--classes", default="10,100,1000", help="class counts C for --factored")
     parser.add_argument("--feature-dims", default="33,129,513", help="d+1 values for --factored")
     parser.add_argument("--max-dim", type=int, default=2048, help="sketch size for --factored (the default max_dim)")
+    parser.add_argument("--rerank", action="store_true", help="re-ranking of graph candidates: faiss vs torch")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -314,6 +340,9 @@ def main() -> None:
     if args.factored:
         ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
         factored_vs_sketch(ints(args.sizes), ints(args.classes), ints(args.feature_dims), args.max_dim)
+        return
+    if args.rerank:
+        compare_rerank(100_000, args.dim, args.threads or 1)
         return
     if args.compare_backends:
         n, classes = CONFIGS["50k"]

@@ -320,7 +320,15 @@ def sampled_recall(x: np.ndarray, idx: np.ndarray, sample: int = RECALL_SAMPLE, 
 
 
 def rerank(x: np.ndarray, candidates: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` candidates of each row nearest to it, with exact squared distances (``-1``: no candidate)."""
+    """The ``k`` candidates of each row nearest to it, with exact squared distances (``-1``: no candidate).
+
+    With faiss, its flat index computes the candidate distances (``compute_distance_subset``): about 8× faster
+    than gathering the candidates' rows in torch (100k × 16 candidates of 256 dimensions: 0.45 s against 3.6 s),
+    the gather being most of a million-row round's re-ranking."""
+    return _rerank_faiss(x, candidates, k) if faiss is not None else _rerank_torch(x, candidates, k, block)
+
+
+def _rerank_torch(x: np.ndarray, candidates: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     data = torch.from_numpy(x)
     sq = (data * data).sum(1)
     cand = torch.from_numpy(candidates)
@@ -335,6 +343,21 @@ def rerank(x: np.ndarray, candidates: np.ndarray, k: int, block: int = 4096) -> 
         d2[s:s + block] = val.numpy()
         idx[s:s + block] = torch.gather(c, 1, pos).numpy()
     return d2, idx
+
+
+def _rerank_faiss(x: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    cand = np.ascontiguousarray(candidates, dtype=np.int64)
+    missing = cand < 0
+    safe = np.where(missing, 0, cand)  # faiss would read row -1
+    index = faiss.IndexFlatL2(data.shape[1])
+    index.add(data)
+    dist = np.empty(cand.shape, dtype=np.float32)
+    index.compute_distance_subset(len(data), faiss.swig_ptr(data), cand.shape[1], faiss.swig_ptr(dist),
+                                  faiss.swig_ptr(safe))
+    dist[missing] = np.inf
+    val, pos = torch.topk(torch.from_numpy(dist), k, dim=1, largest=False)
+    return val.numpy(), np.take_along_axis(cand, pos.numpy(), 1)
 
 
 # -- exact blockwise search (explicit rows or Kronecker factors) ------------------------------------

@@ -355,3 +355,22 @@ def test_rows_whose_factors_would_overflow_take_the_explicit_path():
     assert outer_product_factors(np.array([[0, 0, 2, 1], [0, 0, 1, 0.5]], np.float32), 2) is not None
     sel = select(x, np.array([1, 1, 1, 0, 1]), policy="density", num_classes=2)
     assert np.isfinite(sel.scores).all()
+
+
+def test_reranking_by_faiss_equals_the_torch_gather_and_keeps_missing_candidates_last(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 40)).astype(np.float32)
+    candidates = rng.integers(0, 500, size=(500, 12))
+    candidates[:5, -3:] = -1  # a graph can return fewer candidates than asked
+    d2, idx = neighbors.rerank(x, candidates, 8)
+    true = ((x[idx] - x[:, None]) ** 2).sum(2)
+    np.testing.assert_allclose(d2, true, rtol=1e-4, atol=1e-4)  # exact squared distances of what it returns
+    assert (np.diff(d2, axis=1) >= 0).all() and (idx >= 0).all()
+    only_self = np.full((500, 12), -1)
+    only_self[:, 0] = np.arange(500)
+    lone_d2, lone_idx = neighbors.rerank(x, only_self, 2)
+    assert (lone_idx[:, 1] == -1).all() and np.isinf(lone_d2[:, 1]).all() and (lone_d2[:, 0] < 1e-3).all()
+    monkeypatch.setattr(neighbors, "faiss", None)  # the torch path, as without faiss
+    d2_torch, idx_torch = neighbors.rerank(x, candidates, 8)
+    np.testing.assert_allclose(d2, d2_torch, rtol=1e-4, atol=1e-4)
+    assert np.mean(idx == idx_torch) > 0.99  # (ties may swap)
