@@ -65,8 +65,8 @@ class Harvester:
             self._handle = None
 
     def __getstate__(self) -> dict:
-        # a hook handle does not pickle (Lightning's ddp_spawn pickles the sanitizer): the copy re-attaches
-        # nothing; under DDP rounds use the sharded pass anyway
+        # a hook handle does not pickle (Lightning's ddp_spawn pickles the model and the sanitizer): the model's
+        # copied hook calls this copy, which adopts the layer it first fires on (see _capture)
         return {**self.__dict__, "_handle": None, "_layer": None}
 
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -75,11 +75,12 @@ class Harvester:
         if self._layer is None:  # an unpickled copy (Lightning's ddp_spawn): the hook sits on one layer, this one
             self._layer = module
         if module is not self._layer:  # a replica (nn.DataParallel): chunks of a batch arrive from threads
-            self._break("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of order")
+            self.turn_off("the model runs replicas of its last layer (nn.DataParallel?), whose rows arrive out of "
+                          "order")
             return
         h = inputs[0]
         if h.ndim != 2 or output.ndim != 2:
-            self._break(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
+            self.turn_off(f"the last linear layer sees inputs of shape {tuple(h.shape)}, not [batch, features]")
             return
         self._buffer.append((h.detach().float().cpu(), output.detach().float().cpu()))
 
@@ -102,7 +103,7 @@ class Harvester:
             return
         start, stop = self._filled, self._filled + len(h)
         if stop > len(self._order):
-            self._break(f"{stop} training rows reached the last layer while the sampler yielded {len(self._order)} "
+            self.turn_off(f"{stop} training rows reached the last layer while the sampler yielded {len(self._order)} "
                         "indices (more than one training forward per batch, or a second training loader?)")
             return
         if self.h is None:
@@ -115,20 +116,13 @@ class Harvester:
         self._filled = stop
 
     def turn_off(self, reason: str, warn: bool = True) -> None:
-        """Stop harvesting for the rest of training (rounds then embed with a pass): ``reason`` goes to
-        every round's record; ``warn=False`` when harvesting was only automatic (``harvest=None``)."""
+        """Stop harvesting for the rest of training (rounds then embed with a pass; later captures return at
+        once): ``reason`` goes to every round's record; ``warn=False`` when harvesting was only automatic."""
         self.broken = reason
         self._buffer.clear()
-        self.detach()
         if warn:
             warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate "
                           "pass instead (correct, but slower).", stacklevel=3)
-
-    def _break(self, reason: str) -> None:
-        self.broken = reason
-        self._buffer.clear()
-        warnings.warn(f"harvest mode is off for the rest of training: {reason}. Rounds embed with a separate pass "
-                      "instead (correct, but slower).", stacklevel=3)
 
     # -- read ---------------------------------------------------------------------------------------
     def rows(self, indices: np.ndarray, since_epoch: int = -1) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

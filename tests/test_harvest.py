@@ -1,7 +1,6 @@
 """Harvest mode: rounds embed from the training steps, keyed by index through the sampler's order."""
 
 import copy
-import pickle
 import warnings
 
 import numpy as np
@@ -325,7 +324,8 @@ def test_an_unpickled_model_and_harvester_keep_harvesting():
     """Lightning's ddp_spawn pickles the model with its hook and the sanitizer: the copies must still match rows."""
     model, data = mlp_and_data()
     sanitizer = Sanitizer(model, data, policy="none", warmup=5, every=1, harvest=True, verbose=False)
-    copy_model, copy_harvester = pickle.loads(pickle.dumps((model, sanitizer.harvester)))
+    # deepcopy goes through the same __getstate__ as pickling, keeping the hook's harvester the copied one
+    copy_model, copy_harvester = copy.deepcopy((model, sanitizer.harvester))
     order = np.random.default_rng(0).permutation(len(data))
     copy_harvester.start_order(order, epoch=0)
     copy_model.train()

@@ -75,10 +75,10 @@ def label_side_summary(side: dict | None) -> str:
     if "skipped" in side:
         return f"skipped: {side['skipped']}"
     state = "open" if side.get("open") else "closed"
-    text = f"{state} (gate ratio {side.get('gate_ratio', float('nan')):.2f}, cut {side.get('gate', 1.0):g})"
-    if "sampled" in side:
-        text = (f"{state} (gate ratio {side['gate_ratio']:.2f} on {side['sampled']:,} sampled examples, at most "
-                f"{side['gate_ratio_upper']:.2f}, cut {side.get('gate', 1.0):g})")
+    ratio = f"gate ratio {side.get('gate_ratio', float('nan')):.2f}"
+    if "sampled" in side:  # a large round that bounded the ratio on a sample and skipped the full search
+        ratio += f" on {side['sampled']:,} sampled examples, at most {side['gate_ratio_upper']:.2f}"
+    text = f"{state} ({ratio}, cut {side.get('gate', 1.0):g})"
     if side.get("open"):
         text += f": {side.get('flagged', 0)} flagged, {side.get('dropped_by_label_side_only', 0)} dropped by it alone"
     return text
