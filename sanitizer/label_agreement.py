@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanitizer.neighbors import knn
+from sanitizer.neighbors import CLUSTER_MAX_ROWS, knn
 
 LOW_AGREEMENT = 0.1
 MIDDLE_AGREEMENT = (0.2, 0.5)
@@ -85,9 +85,11 @@ def gate_ratio_upper(agreement: np.ndarray) -> float:
 def sampled_gate(features: np.ndarray, labels: np.ndarray, k: int, backend: str = "auto",
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """``(sample, agreement of the sample, info)``: R estimated on :data:`GATE_SAMPLE` random examples
-    (searched against every example), with its upper bound; None below :data:`GATE_SAMPLE_MIN_ROWS` rows."""
+    (searched against every example), with its upper bound; None below :data:`GATE_SAMPLE_MIN_ROWS` rows, and
+    above :data:`~sanitizer.neighbors.CLUSTER_MAX_ROWS`, where the search is a graph built on every row whatever
+    the queries (a sample would cost about what the full search costs, and the full search may follow it)."""
     n = len(labels)
-    if n < GATE_SAMPLE_MIN_ROWS:
+    if not GATE_SAMPLE_MIN_ROWS <= n <= CLUSTER_MAX_ROWS:
         return None
     sample = np.sort(np.random.default_rng(seed).choice(n, GATE_SAMPLE, replace=False))
     agreeing, k = _agreeing_neighbours(features, labels, k, backend, queries=sample)

@@ -211,9 +211,8 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     graph's answer cannot be trusted (then the caller searches exactly).
 
     The graph is built on a PCA projection when one keeps :data:`PCA_ENERGY` of the variance in at most
-    half the dimensions, else on ``x`` itself up to :data:`RAW_GRAPH_MAX_DIM` dimensions; the graph stores its
-    rows in half precision, and its ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the
-    full space. Every answer is checked:
+    half the dimensions (then ``k + max(5, k // 2)`` candidates are re-ranked with exact distances in the
+    full space), else on ``x`` itself up to :data:`RAW_GRAPH_MAX_DIM` dimensions. Every answer is checked:
     its recall@k on :data:`RECALL_SAMPLE` rows searched exactly must reach :data:`RECALL_FLOOR`, first at
     the default ``efSearch``, then at 2, 4 and 8 times it (:data:`HNSW_EF_FACTORS`; searching wider costs far
     less than the exact search that follows a failure); else None. Rows of high intrinsic dimension fail it (an
@@ -223,22 +222,22 @@ def _knn_hnsw(x: np.ndarray, k: int, seed: int, chunk: int = 65_536):
     projection = pca_projection(x, seed=seed) if dim >= 64 else None
     if projection is None and dim > RAW_GRAPH_MAX_DIM:
         return None
-    space = x
-    if projection is not None:
+    if projection is None:
+        space, wanted = x, k
+    else:
         mean, basis = projection
         space = np.empty((n, basis.shape[1]), dtype=np.float32)
         for s in range(0, n, chunk):
             space[s:s + chunk] = (x[s:s + chunk] - mean) @ basis
-    wanted = min(n, k + max(5, k // 2))
-    # rows stored in half precision: the graph's walk is bound by memory traffic (1.35x faster on a 100k
-    # class at the same recall, benchmarks/results/scale.md); the candidates are re-ranked exactly
-    index = faiss.IndexHNSWSQ(space.shape[1], faiss.ScalarQuantizer.QT_fp16, HNSW_M)
+        wanted = min(n, k + max(5, k // 2))
+    index = faiss.IndexHNSWFlat(space.shape[1], HNSW_M)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(space)
     for factor in HNSW_EF_FACTORS:
         index.hnsw.efSearch = factor * max(HNSW_EF_SEARCH, wanted)
-        _, idx = index.search(space, wanted)
-        d2, idx = rerank(x, idx, k)
+        d2, idx = index.search(space, wanted)
+        if projection is not None:
+            d2, idx = rerank(x, idx, k)
         if sampled_recall(x, idx, seed=seed) >= RECALL_FLOOR:
             return d2, idx
     return None

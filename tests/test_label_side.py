@@ -263,6 +263,23 @@ def test_a_large_clean_round_bounds_the_gate_on_a_sample_and_skips_the_full_sear
     assert abs(info["gate_ratio"] - gate_ratio(label_agreement(x, labels, k=20))) < 0.1
 
 
+def test_a_round_searched_by_a_graph_skips_the_sample_and_searches_once(monkeypatch):
+    """Above CLUSTER_MAX_ROWS the search is a graph built on every row whatever the queries: a sample would
+    cost about what the full search costs, so the full search runs once (the limit is lowered here)."""
+    import sanitizer.label_agreement as side
+
+    x, labels, _ = large_round(flip_rate=0.0)
+    monkeypatch.setattr(side, "CLUSTER_MAX_ROWS", len(labels) - 1)
+    assert side.sampled_gate(x, labels, k=20) is None
+    searched = []
+    real = side._agreeing_neighbours
+    monkeypatch.setattr(side, "_agreeing_neighbours",
+                        lambda *a, **kw: searched.append(kw.get("queries")) or real(*a, **kw))
+    flagged, agreement, info = mislabelled(x, labels, k=20, skip_below=0.7)
+    assert searched == [None] and "sampled" not in info and not info["open"] and not flagged.any()
+    assert not np.isnan(agreement).any()
+
+
 def test_a_large_round_with_flipped_labels_goes_on_to_the_full_search():
     x, labels, flipped = large_round(flip_rate=0.1)
     flagged, _, info = mislabelled(x, labels, k=20, skip_below=0.7)
