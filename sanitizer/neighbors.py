@@ -317,11 +317,14 @@ def sampled_recall(x: np.ndarray, idx: np.ndarray, sample: int = RECALL_SAMPLE, 
     rows = np.random.default_rng(seed).choice(pool, min(len(pool), sample), replace=False)
     data = torch.from_numpy(x)
     sq = (data * data).sum(1)
-    d2 = torch.addmm(sq[None], data[rows], data.T, alpha=-2)
+    d2 = torch.addmm(sq[None], data[rows], data.T, alpha=-2).add_(sq[rows, None])
     kth = torch.topk(d2, k, dim=1, largest=False).values[:, -1:]
     found = torch.from_numpy(idx[rows])
     got = torch.gather(d2, 1, found.clamp_min(0)).masked_fill_(found < 0, float("inf"))
-    tolerance = 1e-5 * kth.abs() + 1e-6 * sq.max()  # float32 rounding of the expansion
+    # float32 rounding of the expansion, on the scale of the row itself: a tolerance on the scale of the
+    # largest row would pass any answer among rows of small norm (confident examples' gradients), which the
+    # test of a half-precision graph showed (benchmarks/results/scale.md, tenth session)
+    tolerance = 1e-5 * (kth.abs() + sq[rows, None])
     return float((got <= kth + tolerance).float().mean())
 
 

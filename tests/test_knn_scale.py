@@ -278,6 +278,20 @@ def test_sampled_recall_matches_the_recall_of_every_row():
     assert neighbors.sampled_recall(x, spoiled, sample=200) == pytest.approx(full, abs=0.06)
 
 
+def test_sampled_recall_sees_wrong_neighbours_among_rows_of_small_norm():
+    """Confident examples' gradient rows are tiny beside the others: a wrong neighbour among them is still a
+    miss, although its distance is far below the largest row's rounding."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(300, 8)), 1e-4 * rng.normal(size=(300, 8))]).astype(np.float32)
+    d2 = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
+    order = np.argsort(d2, 1)
+    true = order[:, :6]
+    assert neighbors.sampled_recall(x, true, sample=600) == 1.0
+    spoiled = true.copy()
+    spoiled[300:, 1:] = order[300:, 200:205]  # far among the small rows, yet 1e-8 apart
+    assert neighbors.sampled_recall(x, spoiled, sample=600) == pytest.approx(1 - 300 * 5 / 3600, abs=1e-6)
+
+
 def test_flush_tiny_zeroes_only_what_no_distance_can_see():
     x = torch.tensor([[1.0, 1e-20, -3e-16], [2.0, -1e-39, 0.5]])
     out = neighbors.flush_tiny(x)
