@@ -32,6 +32,20 @@ def test_deep_knn_drops_points_sitting_inside_another_class():
     assert sel.scores[is_planted].min() > sel.scores[~is_planted].max()
 
 
+def test_deep_knn_never_empties_a_class():
+    """k = n − 1 and labels split 3/3: every example's leave-one-out plurality is the other label (a case the
+    property tests found); the rule would drop all six, so both classes are kept whole."""
+    x = np.array([[-1.0], [0.0], [-1.0], [-1.0], [-1.0], [-1.0]], dtype=np.float32)
+    y = np.array([1, 0, 0, 0, 1, 1])
+    sel = make_policy("deep_knn").select(x, y)
+    assert sel.keep.all() and sel.info["spared_classes"] == [0, 1] and sel.info["dropped"] == 0
+    # a class the rule empties only partly is not spared
+    x2 = np.concatenate([np.zeros((20, 2)), np.ones((20, 2)), np.zeros((2, 2))]).astype(np.float32)
+    y2 = np.array([0] * 20 + [1] * 20 + [1] * 2)
+    sel2 = make_policy("deep_knn", k=5).select(x2, y2)
+    assert not sel2.keep[40:].any() and sel2.keep[:40].all() and sel2.info["spared_classes"] == []
+
+
 def test_deep_knn_with_small_k_is_fooled_by_a_tight_group():
     # The reason for k ≈ 2 × budget: with k below the group size, planted points vouch for each other.
     rng = np.random.default_rng(1)

@@ -22,7 +22,8 @@ class DeepKnnPolicy(Policy):
     Peri et al. set ``k`` to about twice the poison budget; ``budget=`` does that for you
     (``k = 2 * budget``). Ties: an example is kept when its label is one of the tied plurality labels.
     The score is the fraction of neighbours carrying another label. Classes with fewer than
-    ``min_class_size`` (3) examples are kept, with a warning: no neighbour could share their label.
+    ``min_class_size`` (3) examples are kept, with a warning: no neighbour could share their label. A class
+    the rule would empty is kept whole (``info["spared_classes"]``).
 
     Example:
         >>> policy = DeepKnnPolicy(budget=25)      # k = 50
@@ -56,8 +57,13 @@ class DeepKnnPolicy(Policy):
         neighbour_labels = y[idx]                                   # [n, k]
         own = (neighbour_labels == y[:, None]).sum(1)
         keep = (own >= _plurality_count(neighbour_labels)) | np.isin(y, tiny)
+        # never empty a class (as the class-wise policies never do): with k near n and balanced labels the
+        # leave-one-out plurality can go against every member of a class
+        emptied = [c for c in classes if not keep[y == c].any()]
+        keep |= np.isin(y, emptied)
         scores = 1.0 - own / k
-        return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum()), "skipped_classes": tiny.tolist()})
+        return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum()), "skipped_classes": tiny.tolist(),
+                                        "spared_classes": [int(c) for c in emptied]})
 
 
 def _plurality_count(labels: np.ndarray) -> np.ndarray:
