@@ -292,6 +292,18 @@ def test_sampled_recall_sees_wrong_neighbours_among_rows_of_small_norm():
     assert neighbors.sampled_recall(x, spoiled, sample=600) == pytest.approx(1 - 300 * 5 / 3600, abs=1e-6)
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_deduplicate_groups_equal_rows_even_when_hashes_collide(monkeypatch, collide):
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(50, 7)).astype(np.float32)
+    x = base[rng.integers(0, 50, 300)]  # many copies, 7 floats = 28 bytes (not a multiple of 8)
+    if collide:  # every row the same hash: the byte comparison must notice and sort the rows instead
+        monkeypatch.setattr(neighbors, "_row_hashes", lambda rows: np.zeros(len(rows), np.uint64))
+    unique, inverse = neighbors.deduplicate(x)
+    np.testing.assert_array_equal(unique[inverse], x)
+    assert len(unique) == len(np.unique(x, axis=0))
+
+
 def test_flush_tiny_zeroes_only_what_no_distance_can_see():
     x = torch.tensor([[1.0, 1e-20, -3e-16], [2.0, -1e-39, 0.5]])
     out = neighbors.flush_tiny(x)
