@@ -59,11 +59,11 @@ class DeepKnnPolicy(Policy):
         keep = (own >= _plurality_count(neighbour_labels)) | np.isin(y, tiny)
         # never empty a class (as the class-wise policies never do): with k near n and balanced labels the
         # leave-one-out plurality can go against every member of a class
-        emptied = [c for c in classes if not keep[y == c].any()]
+        emptied = np.setdiff1d(classes, y[keep])
         keep |= np.isin(y, emptied)
         scores = 1.0 - own / k
         return Selection(keep, scores, {"k": k, "dropped": int((~keep).sum()), "skipped_classes": tiny.tolist(),
-                                        "spared_classes": [int(c) for c in emptied]})
+                                        "spared_classes": emptied.tolist()})
 
 
 def _plurality_count(labels: np.ndarray) -> np.ndarray:
