@@ -13,7 +13,7 @@ poisoned runs (``CACHE/signals/<run>/epoch<e>.npz``) and scores, at every record
 For every signal: the in-class AUROC (poisons against the clean examples of their class) and the
 recall at which 2 % of that class's clean examples would be dropped (the issue's target operating
 point). Rows go to a JSONL file, one per (run, epoch, signal); ``--summary`` prints the table of
-means over runs.
+means over runs; ``--table FILES`` the policies' per-round table over the sets in JSONL files it wrote.
 
 Example::
 
@@ -250,6 +250,26 @@ def summarize(rows: list[dict], top: int = 40) -> str:
     return "\n".join(lines)
 
 
+def policy_table(rows: list[dict]) -> str:
+    """Each policy's decision per round over the runs (sets) in ``rows``: mean and range of its recall, of the
+    clean images of the poisons' class it drops, and of its in-class AUROC."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["signal"].startswith("policy:"):
+            groups[(r["signal"][len("policy:"):], r["round_epoch"])].append(r)
+    lines = ["| policy | round (epoch) | sets | recall, mean [min–max] | clean dropped in class, mean [min–max] "
+             "| in-class AUROC, mean [min–max] |", "|---|---|---|---|---|---|"]
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{np.mean(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
+
+    for (name, round_epoch), rs in groups.items():
+        lines.append(f"| {name} | {round_epoch} | {len(rs)} | {spread([r['recall'] for r in rs], '.2f')} | "
+                     f"{spread([r['clean_dropped_in_class'] for r in rs], '.0f')} | "
+                     f"{spread([r['auroc_in_class'] for r in rs], '.2f')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--signals", type=Path, default=Path("benchmarks/out/signals"))
@@ -259,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-policies", action="store_true", help="only the raw signals (faster)")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--table", type=Path, nargs="+",
+                        help="print the policies' per-round table from JSONL files this study wrote, and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(policy_table([json.loads(line) for path in args.table for line in path.open()]))
+        return
     epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
     rows = []
     for run_dir in sorted(args.signals.glob(args.runs)):

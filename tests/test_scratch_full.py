@@ -109,3 +109,14 @@ def test_friendly_noise_in_channels_last_follows_the_ordinary_layout():
     fast = friendly_noise(net, x, steps=3, lr=1.0, seed=0)
     reference = friendly_noise(Contiguous(net), x, steps=3, lr=1.0, seed=0)
     torch.testing.assert_close(fast, reference, rtol=1e-3, atol=1e-4)
+
+
+def test_the_policy_table_pools_sets_per_round():
+    from benchmarks.detection_study import policy_table
+
+    rows = [{"signal": "policy:spectral", "round_epoch": 2, "recall": r, "clean_dropped_in_class": c,
+             "auroc_in_class": a} for r, c, a in ((0.1, 10, 0.8), (0.3, 30, 0.9))]
+    rows.append({"signal": "loss_low", "round_epoch": 2, "auroc_in_class": 0.5})  # raw signals are not policies
+    lines = policy_table(rows).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| spectral | 2 | 2 | 0.20 [0.10–0.30] | 20 [10–30] | 0.85 [0.80–0.90] |"
