@@ -300,3 +300,15 @@ def test_the_sampled_gate_bound_covers_the_true_ratio():
     estimates = np.array([gate_ratio(d) for d in draws])
     assert np.mean(upper >= true) >= 0.95
     assert np.mean(upper) - true < 4 * estimates.std()  # about two standard errors above, not a blanket bound
+
+
+def test_label_flip_bound_precision_at_recall_and_margin():
+    """The issue-15 bound study's two measures on arrays whose answers are known by hand."""
+    from benchmarks.label_flip_bound import margin, precision_at_recall
+
+    flipped = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
+    score = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.05])  # ranks: F, C, F, C(0.2), C(0.1), F
+    assert precision_at_recall(score, flipped, 2 / 3) == pytest.approx(2 / 3)  # two flips in the top three
+    assert precision_at_recall(score, flipped, 1.0) == pytest.approx(0.5)  # all three need all six
+    logits = np.array([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    assert margin(logits, np.array([0, 0])).tolist() == [1.0, -3.0]
