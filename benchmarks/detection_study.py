@@ -252,10 +252,15 @@ def summarize(rows: list[dict], top: int = 40) -> str:
 
 def policy_table(rows: list[dict]) -> str:
     """Each policy's decision per round over the runs (sets) in ``rows``: mean and range of its recall, of the
-    clean images of the poisons' class it drops, and of its in-class AUROC."""
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    clean images of the poisons' class it drops, and of its in-class AUROC. Rows of
+    ``benchmarks.noise_screen_study --saved`` (the same sets) add the default's screen, round "start"."""
+    groups: dict[tuple[str, int | str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r["signal"].startswith("policy:"):
+        if "poisons_flagged" in r:  # a row of benchmarks.noise_screen_study --saved: the screen, before training
+            groups[("noise screen (default)", "start")].append(
+                {"recall": r["poisons_flagged"] / r["poisons"], "clean_dropped_in_class": r["clean_flagged_in_class"],
+                 "auroc_in_class": r["auroc_in_class"]})
+        elif r["signal"].startswith("policy:"):
             groups[(r["signal"][len("policy:"):], r["round_epoch"])].append(r)
     lines = ["| policy | round (epoch) | sets | recall, mean [min–max] | clean dropped in class, mean [min–max] "
              "| in-class AUROC, mean [min–max] |", "|---|---|---|---|---|---|"]
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--table", type=Path, nargs="+",
-                        help="print the policies' per-round table from JSONL files this study wrote, and stop")
+                        help="print the policies' per-round table from JSONL files this study wrote (and the "
+                        "screen's rows of benchmarks.noise_screen_study --saved on the same sets), and stop")
     args = parser.parse_args(argv)
     if args.table:
         print(policy_table([json.loads(line) for path in args.table for line in path.open()]))
