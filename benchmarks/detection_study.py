@@ -250,29 +250,76 @@ def summarize(rows: list[dict], top: int = 40) -> str:
     return "\n".join(lines)
 
 
-def policy_table(rows: list[dict]) -> str:
-    """Each policy's decision per round over the runs (sets) in ``rows``: mean and range of its recall, of the
-    clean images of the poisons' class it drops, and of its in-class AUROC. Rows of
-    ``benchmarks.noise_screen_study --saved`` (the same sets) add the default's screen, round "start"."""
+def policy_groups(rows: list[dict]) -> dict[tuple[str, int | str], list[dict]]:
+    """The rows of each (policy, round epoch); rows of ``benchmarks.noise_screen_study --saved`` (the same sets)
+    are the default's screen, round "start". Each row has recall, clean_dropped_in_class (and its fraction) and
+    auroc_in_class."""
     groups: dict[tuple[str, int | str], list[dict]] = defaultdict(list)
     for r in rows:
         if "poisons_flagged" in r:  # a row of benchmarks.noise_screen_study --saved: the screen, before training
             groups[("noise screen (default)", "start")].append(
                 {"recall": r["poisons_flagged"] / r["poisons"], "clean_dropped_in_class": r["clean_flagged_in_class"],
+                 "clean_dropped_in_class_frac": r["clean_flagged_in_class"] / r["clean_in_class"],
                  "auroc_in_class": r["auroc_in_class"]})
         elif r["signal"].startswith("policy:"):
             groups[(r["signal"][len("policy:"):], r["round_epoch"])].append(r)
+    return groups
+
+
+def policy_table(rows: list[dict]) -> str:
+    """Each policy's decision per round over the runs (sets) in ``rows``: mean and range of its recall, of the
+    clean images of the poisons' class it drops, and of its in-class AUROC (the screen's rows included, see
+    :func:`policy_groups`)."""
     lines = ["| policy | round (epoch) | sets | recall, mean [min–max] | clean dropped in class, mean [min–max] "
              "| in-class AUROC, mean [min–max] |", "|---|---|---|---|---|---|"]
 
     def spread(values: list[float], fmt: str) -> str:
         return f"{np.mean(values):{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
 
-    for (name, round_epoch), rs in groups.items():
+    for (name, round_epoch), rs in policy_groups(rows).items():
         lines.append(f"| {name} | {round_epoch} | {len(rs)} | {spread([r['recall'] for r in rs], '.2f')} | "
                      f"{spread([r['clean_dropped_in_class'] for r in rs], '.0f')} | "
                      f"{spread([r['auroc_in_class'] for r in rs], '.2f')} |")
     return "\n".join(lines)
+
+
+def policy_plot(rows: list[dict], path: Path, recall_target: float = 0.9, clean_budget: float = 0.02) -> Path:
+    """Recall against clean images dropped (share of the poisons' class), one point per (policy, round): the
+    mean over sets with its range as bars; the shaded corner is where a defense would have to be."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = policy_groups(rows)
+    names = list(dict.fromkeys(name for name, _ in groups))
+    rounds = list(dict.fromkeys(r for _, r in groups))
+    markers = dict(zip(rounds, "*osD^v<>"))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.axvspan(0, 100 * clean_budget, ymin=recall_target / 1.05, ymax=1, color="tab:green", alpha=0.12,
+               label=f"recall ≥ {recall_target}, ≤ {100 * clean_budget:.0f} % of the class dropped")
+    for (name, round_epoch), rs in groups.items():
+        x = 100 * np.array([r["clean_dropped_in_class_frac"] for r in rs])
+        y = np.array([r["recall"] for r in rs])
+        ax.errorbar(x.mean(), y.mean(), xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
+                    yerr=[[y.mean() - y.min()], [y.max() - y.mean()]], fmt=markers[round_epoch],
+                    color=f"C{names.index(name) % 10}", capsize=2, alpha=0.85, ms=9 if round_epoch == "start" else 6,
+                    label=name)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("clean images of the poisons' class dropped (%; symlog), mean over sets with range")
+    ax.set_ylabel("poison recall, mean over sets with range")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per policy (colour); markers are the rounds
+    for round_epoch, marker in markers.items():
+        unique[f"round: {round_epoch}"] = plt.Line2D([], [], color="grey", marker=marker, ls="")
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,9 +334,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", type=Path, nargs="+",
                         help="print the policies' per-round table from JSONL files this study wrote (and the "
                         "screen's rows of benchmarks.noise_screen_study --saved on the same sets), and stop")
+    parser.add_argument("--plot", type=Path, help="with --table: also a PNG of recall against clean images dropped")
     args = parser.parse_args(argv)
     if args.table:
-        print(policy_table([json.loads(line) for path in args.table for line in path.open()]))
+        rows = [json.loads(line) for path in args.table for line in path.open()]
+        print(policy_table(rows))
+        if args.plot:
+            print(f"\nplot: {policy_plot(rows, args.plot)}")
         return
     epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
     rows = []

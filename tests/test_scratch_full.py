@@ -125,3 +125,15 @@ def test_the_policy_table_pools_sets_per_round():
               for f, c in ((500, 80), (450, 40))]
     lines = policy_table(rows + screen).splitlines()
     assert lines[3] == "| noise screen (default) | start | 2 | 0.95 [0.90–1.00] | 60 [40–80] | 1.00 [1.00–1.00] |"
+
+
+def test_the_policy_plot_draws_every_policy_and_round(tmp_path):
+    from benchmarks.detection_study import policy_plot
+
+    rows = [{"signal": f"policy:{name}", "round_epoch": e, "recall": 0.1 * e, "clean_dropped_in_class": 9,
+             "clean_dropped_in_class_frac": 0.002, "auroc_in_class": 0.7} for name in ("spectral", "epic-0.1")
+            for e in (2, 5)]
+    rows.append({"poisons_flagged": 500, "poisons": 500, "clean_flagged_in_class": 80, "clean_in_class": 4500,
+                 "auroc_in_class": 1.0})
+    path = policy_plot(rows, tmp_path / "detection.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
