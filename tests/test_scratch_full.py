@@ -121,7 +121,8 @@ def test_the_policy_table_pools_sets_per_round():
     assert len(lines) == 3
     assert lines[2] == "| spectral | 2 | 2 | 0.20 [0.10–0.30] | 20 [10–30] | 0.85 [0.80–0.90] |"
     # the screen's rows (noise_screen_study --saved) join as the default's step before training
-    screen = [{"poisons_flagged": f, "poisons": 500, "clean_flagged_in_class": c, "auroc_in_class": 1.0}
+    screen = [{"poisons_flagged": f, "poisons": 500, "clean_flagged_in_class": c, "clean_in_class": 4500,
+               "auroc_in_class": 1.0}
               for f, c in ((500, 80), (450, 40))]
     lines = policy_table(rows + screen).splitlines()
     assert lines[3] == "| noise screen (default) | start | 2 | 0.95 [0.90–1.00] | 60 [40–80] | 1.00 [1.00–1.00] |"
