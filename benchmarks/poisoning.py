@@ -200,7 +200,8 @@ def craft(setting: Setting, attack: str, seed: int, target_index: int, adversari
     params = attack_params(attack, setting.preset)
     key = json.dumps(params, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    tag = f"{setting.preset.name}_{attack}_s{seed}_t{target_index}_a{adversarial_class}_{digest}"
+    tag = (f"{setting.preset.name}_{attack}_s{seed}_t{target_index}_a{adversarial_class}_{digest}"
+           + setting.preset.surrogate_tag())  # poisons crafted on another surrogate are other poisons
     path = cache_dir / "poisons" / f"{tag}.npz"
     if path.exists():
         poisons = PoisonSet.load(path)
@@ -339,7 +340,7 @@ def signal_recorder(setting: Setting, attack: str, seed: int, target_index: int,
     from benchmarks.signals import SignalRecorder
 
     preset = setting.preset
-    tag = f"{preset.name}_{attack}_eps{round(preset.eps * 255)}_s{seed}"
+    tag = f"{preset.name}_{attack}_eps{round(preset.eps * 255)}_s{seed}{preset.surrogate_tag()}"
     true = int(setting.test_set.labels[target_index])
     labels = data.train.labels.numpy()
     focus = np.flatnonzero((labels == adv) | (labels == true))

@@ -74,6 +74,7 @@ class Preset:
     feature_cache: bool = True         # False: victims run images through the frozen extractor (timing runs)
     # scratch: the clean surrogate
     surrogate_epochs: int = 20
+    surrogate_seed: int = 77_777       # another seed trains another surrogate (issue 10: >= 3 per table)
     device: str = "auto"
 
     def train_config(self, seed: int) -> TrainConfig:
@@ -81,6 +82,12 @@ class Preset:
                            weight_decay=self.weight_decay, augment=self.augment,
                            milestones=tuple(self.milestones), seed=seed, schedule=self.schedule,
                            channels_last=self.channels_last)
+
+    def surrogate_tag(self) -> str:
+        """What names another surrogate in cache files (empty for the default one, so its caches keep their
+        names): the scratch surrogate's seed, and so the poisons crafted on it."""
+        default = next(f.default for f in dataclasses.fields(Preset) if f.name == "surrogate_seed")
+        return "" if self.kind != "scratch" or self.surrogate_seed == default else f"_ss{self.surrogate_seed}"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -365,14 +372,15 @@ class ScratchSetting(Setting):
         self.device = preset.resolved_device()
         self.in_channels = train.images.shape[1]
         tag = (f"{preset.name}_{preset.model}{preset.width}_pc{preset.per_class}_e{preset.surrogate_epochs}"
-               f"_lr{preset.lr}" + ("" if preset.schedule == "step" else f"_{preset.schedule}"))
+               f"_lr{preset.lr}" + ("" if preset.schedule == "step" else f"_{preset.schedule}")
+               + preset.surrogate_tag())
         path = Path(cache_dir) / preset.data / f"surrogate_{tag}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.surrogate = self._model(seed=77_777)
+        self.surrogate = self._model(seed=preset.surrogate_seed)
         if path.exists():
             self.surrogate.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         else:
-            cfg = dataclasses.replace(preset.train_config(77_777), epochs=preset.surrogate_epochs)
+            cfg = dataclasses.replace(preset.train_config(preset.surrogate_seed), epochs=preset.surrogate_epochs)
             log(f"[surrogate] training {tag} on {len(train)} images")
             train_classifier(self.surrogate, train, cfg, desc="surrogate")
             torch.save(self.surrogate.state_dict(), path)

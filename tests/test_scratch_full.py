@@ -138,3 +138,21 @@ def test_the_policy_plot_draws_every_policy_and_round(tmp_path):
                  "auroc_in_class": 1.0})
     path = policy_plot(rows, tmp_path / "detection.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_another_surrogate_seed_trains_another_surrogate_and_names_its_poisons(tmp_path):
+    """Issue 10's >= 3 surrogates: `--set surrogate_seed=...` trains and caches another surrogate, and the poisons
+    crafted on it get their own cache name; the default seed keeps the names earlier runs cached under."""
+    from benchmarks.presets import make_setting
+
+    base = smoke_preset().with_overrides(["surrogate_epochs=2"])
+    other = base.with_overrides(["surrogate_seed=5"])
+    assert base.surrogate_tag() == "" and other.surrogate_tag() == "_ss5"
+    settings = [make_setting(p, "", tmp_path) for p in (base, other)]
+    assert settings[0].info["surrogate_path"] != settings[1].info["surrogate_path"]
+    assert settings[0].info["surrogate_sha256"] != settings[1].info["surrogate_sha256"]
+    assert make_setting(other, "", tmp_path).info["surrogate_sha256"] == settings[1].info["surrogate_sha256"]  # cached
+    for setting in settings:
+        poisoning.craft(setting, "gradient_matching", 1, 0, 1, tmp_path)
+    names = sorted(p.name for p in (tmp_path / "poisons").iterdir())
+    assert len(names) == 2 and names[1].endswith("_ss5.npz") and not names[0].endswith("_ss5.npz")
