@@ -14,6 +14,7 @@ Secondary, with 95 % Wilson intervals: attack success (the target classified as 
 poison recall, clean examples dropped, time against ``none``.
 
     python -m benchmarks.reported_analysis benchmarks/results/scratch_full_gm16_reported_s*.jsonl
+    python -m benchmarks.reported_analysis --surrogates benchmarks/results/scratch_full_gm16_reported_s*.jsonl
 """
 
 from __future__ import annotations
@@ -163,10 +164,59 @@ def noise_control(sets: dict[int, dict[str, dict]], reseeded: dict[int, dict]) -
     return "\n".join(lines)
 
 
+DEFAULT_SURROGATE = 77_777
+
+
+def surrogate_seed(path: Path) -> int:
+    """The surrogate a results file's victims were crafted on (its run header's preset; older files: the default)."""
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "run":
+            return int(row.get("preset", {}).get("surrogate_seed", DEFAULT_SURROGATE))
+    return DEFAULT_SURROGATE
+
+
+def mcnemar_less(pairs: list[tuple[bool, bool]]) -> float:
+    """Exact one-sided McNemar on paired (ours hit, theirs hit): P(ours hit no more often than seen | no difference)."""
+    ours_only = sum(a and not b for a, b in pairs)
+    theirs_only = sum(b and not a for a, b in pairs)
+    return float(stats.binom.cdf(ours_only, ours_only + theirs_only, 0.5)) if ours_only + theirs_only else 1.0
+
+
+def surrogate_table(paths: list[Path]) -> str:
+    """The pre-registered three-surrogate table: per surrogate, the undefended and the default's attack success,
+    and the primary test over every paired setup (the default's success lower than undefended's)."""
+    groups: dict[int, list[Path]] = defaultdict(list)
+    for path in paths:
+        groups[surrogate_seed(path)].append(path)
+    lines = ["| surrogate seed | sets | undefended success | default success | poisons the default drops | "
+             "accuracy, default − undefended (mean) |", "|---|---|---|---|---|---|"]
+    pairs = []
+    for seed, group in sorted(groups.items()):
+        sets = {s: rows for s, rows in read_victims(group).items() if "none" in rows and "density" in rows}
+        none_hits = [bool(rows["none"]["target_hit"]) for rows in sets.values()]
+        ours_hits = [bool(rows["density"]["target_hit"]) for rows in sets.values()]
+        pairs += list(zip(ours_hits, none_hits))
+        dropped = (sum(rows["density"].get("poisons_dropped", 0) for rows in sets.values()),
+                   sum(rows["density"]["budget"] for rows in sets.values()))
+        gap = [rows["density"]["clean_accuracy"] - rows["none"]["clean_accuracy"] for rows in sets.values()]
+        lines.append(f"| {seed} | {len(sets)} | {format_rate(sum(none_hits), len(sets))} | "
+                     f"{format_rate(sum(ours_hits), len(sets))} | {format_rate(*dropped)} | "
+                     f"{100 * np.mean(gap) if gap else float('nan'):+.2f} points |")
+    lines.append(f"\nPrimary: the default's success lower than undefended's over {len(pairs)} paired setups "
+                 f"(exact one-sided McNemar): p = {mcnemar_less(pairs):.3g}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="victim JSONL files of the reported sets")
+    parser.add_argument("--surrogates", action="store_true",
+                        help="the pre-registered three-surrogate table instead (files grouped by their surrogate)")
     args = parser.parse_args(argv)
+    if args.surrogates:
+        print(surrogate_table(args.paths))
+        return
     sets = read_victims(args.paths)
     print("Per set: the target's final P(adv) / clean accuracy\n")
     print(per_set_table(sets))

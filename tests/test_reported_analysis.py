@@ -50,3 +50,21 @@ def test_transfer_analysis_pairs_setups_by_extractor_and_counts_hits_beyond_the_
     text = table("bullseye_polytope", setups)
     assert "| none | 6 | 4/6" in text and "| 3/3 | 1/3 | 3/6 |" in text  # per extractor, then beyond the clean head
     assert "| 1/3 | 0/3 | 0/6 |" in text  # the default's one hit is the clean head's own mistake
+
+
+def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_path):
+    from benchmarks.reported_analysis import mcnemar_less, surrogate_table
+
+    first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in [  # an older file: no surrogate_seed in its preset
+        {"kind": "run", "preset": {}}, _row(0, "none", 0.9, hit=True), _row(0, "density", 1e-3),
+        _row(1, "none", 0.1), _row(1, "density", 1e-3)]))
+    other.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "run", "preset": {"surrogate_seed": 77_778}}, _row(0, "none", 0.8, hit=True), _row(0, "density", 0.01),
+        _row(1, "none", 0.7, hit=True), _row(1, "density", 0.6, hit=True)]))
+    text = surrogate_table([first, other])
+    assert "| 77777 | 2 | 1/2" in text and "| 77778 | 2 | 2/2" in text
+    assert "over 4 paired setups" in text
+    # ours hit alone never, theirs alone twice: P(0 of 2 | p = 1/2) = 1/4
+    assert mcnemar_less([(False, True), (False, True), (True, True), (False, False)]) == 0.25
+    assert mcnemar_less([(False, False)]) == 1.0
