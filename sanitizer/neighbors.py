@@ -128,6 +128,9 @@ def knn(x: np.ndarray, k: int, backend: str = "auto", ivf_threshold: int = EXACT
 
 
 TAIL_Z = 2.5  # rows of an approximate answer whose neighbours are this far out (robust z) are searched exactly
+# ... at most this many distance entries' worth of them (rows × all rows), farthest first: the re-search is
+# exact, so its cost is quadratic (2,100 rows of a million, a few seconds; every tail row of a 200k round)
+TAIL_MAX_ENTRIES = 1 << 31
 
 
 def repair_tail(x: np.ndarray, d2: np.ndarray, idx: np.ndarray,
@@ -141,14 +144,17 @@ def repair_tail(x: np.ndarray, d2: np.ndarray, idx: np.ndarray,
     check cannot see this (a random sample is mostly the dense bulk): on a 40,002-row class of synthetic gradient
     rows 15 of the 16 rows flagged at z > 3.5 from the graph's answer were flagged because of the graph alone
     (``benchmarks/results/scale.md``, eleventh session). An approximate distance is never below the exact one,
-    so every row whose exact score crosses a cut at or above :data:`TAIL_Z` is among those re-searched."""
+    so every row whose exact score crosses a cut at or above :data:`TAIL_Z` is among those re-searched, up to
+    :data:`TAIL_MAX_ENTRIES` (rows with missing neighbours first, then the farthest out)."""
     rows = np.arange(len(d2)) if rows is None else np.asarray(rows, dtype=np.int64)
     mean = np.sqrt(np.maximum(d2, 0)).mean(1)
     missing = (idx < 0).any(1) | ~np.isfinite(mean)
     z = robust_zscore(np.log(np.where(missing, 1.0, mean) + 1e-12))
-    tail = np.flatnonzero(missing | (z > TAIL_Z))
+    z[missing] = np.inf
+    tail = np.flatnonzero(z > TAIL_Z)
     if not len(tail):
         return d2, idx
+    tail = tail[np.argsort(-z[tail], kind="stable")][:max(1, TAIL_MAX_ENTRIES // len(x))]
     exact_d2, exact_idx = exact_knn_of_rows(torch.from_numpy(x), rows[tail], d2.shape[1])
     d2, idx = d2.copy(), idx.copy()
     d2[tail], idx[tail] = exact_d2.numpy(), exact_idx.numpy()

@@ -404,7 +404,7 @@ def test_reranking_by_faiss_equals_the_torch_gather_and_keeps_missing_candidates
     assert np.mean(idx == idx_torch) > 0.99  # (ties may swap)
 
 
-def test_the_tail_of_an_approximate_answer_is_searched_again_exactly():
+def test_the_tail_of_an_approximate_answer_is_searched_again_exactly(monkeypatch):
     """repair_tail: rows handed far-off neighbours (a stranded row of a graph) or missing ones land in the upper
     tail of mean neighbour distance and are searched again exactly; the other rows keep their answer."""
     rng = np.random.default_rng(11)
@@ -427,6 +427,12 @@ def test_the_tail_of_an_approximate_answer_is_searched_again_exactly():
     untouched = np.setdiff1d(np.arange(3000), [*stranded, 1234])
     tail = neighbors.robust_zscore(np.log(np.sqrt(d2).mean(1) + 1e-12)) > neighbors.TAIL_Z
     assert np.array_equal(fixed_idx[untouched[~tail[untouched]]], spoiled_idx[untouched[~tail[untouched]]])
+    # a budget of two rows' worth of entries: the missing row first, then the farthest out
+    monkeypatch.setattr(neighbors, "TAIL_MAX_ENTRIES", 2 * len(x))
+    capped_d2, capped_idx = neighbors.repair_tail(x, spoiled_d2, spoiled_idx)
+    repaired = np.flatnonzero((capped_idx != spoiled_idx).any(1))
+    assert sorted(repaired) == [5, 1234]  # row 5's neighbours are the farthest of all (they were chosen so)
+    monkeypatch.undo()
     # with queries: the answer's rows are those of `rows` (the tail is judged among them)
     q = np.r_[700, np.arange(0, 3000, 2)]
     part_d2, part_idx = neighbors.repair_tail(x, spoiled_d2[q], spoiled_idx[q], q)
