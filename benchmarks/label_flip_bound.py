@@ -26,20 +26,12 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from benchmarks.label_rounds_study import margins as margin
 from benchmarks.label_signals_study import knn_label_shares
 from benchmarks.signals import load_epoch
 
 AGREEMENT_EPOCHS = (2, 5, 8)  # the preset's rounds
 K = 20  # the label side's k
-
-
-def margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Logit of the given label minus the largest other logit."""
-    rows = np.arange(len(labels))
-    given = logits[rows, labels].copy()
-    others = logits.copy()
-    others[rows, labels] = -np.inf
-    return given - others.max(1)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -32,6 +32,8 @@ from sanitizer.options import parse_key_values
 from sanitizer.progress import log
 from sanitizer.train import TrainConfig, accuracy, train_classifier
 
+DEFAULT_SURROGATE_SEED = 77_777  # the scratch surrogate every cached poison set before surrogate_seed was crafted on
+
 
 @dataclass
 class Preset:
@@ -74,7 +76,7 @@ class Preset:
     feature_cache: bool = True         # False: victims run images through the frozen extractor (timing runs)
     # scratch: the clean surrogate
     surrogate_epochs: int = 20
-    surrogate_seed: int = 77_777       # another seed trains another surrogate (issue 10: >= 3 per table)
+    surrogate_seed: int = DEFAULT_SURROGATE_SEED  # another seed trains another surrogate (issue 10: >= 3 per table)
     device: str = "auto"
 
     def train_config(self, seed: int) -> TrainConfig:
@@ -86,8 +88,8 @@ class Preset:
     def surrogate_tag(self) -> str:
         """What names another surrogate in cache files (empty for the default one, so its caches keep their
         names): the scratch surrogate's seed, and so the poisons crafted on it."""
-        default = next(f.default for f in dataclasses.fields(Preset) if f.name == "surrogate_seed")
-        return "" if self.kind != "scratch" or self.surrogate_seed == default else f"_ss{self.surrogate_seed}"
+        default = self.kind != "scratch" or self.surrogate_seed == DEFAULT_SURROGATE_SEED
+        return "" if default else f"_ss{self.surrogate_seed}"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

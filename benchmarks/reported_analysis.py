@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from benchmarks.presets import DEFAULT_SURROGATE_SEED
 from sanitizer.stats import format_rate
 
 ALPHA = 0.05
@@ -164,16 +165,13 @@ def noise_control(sets: dict[int, dict[str, dict]], reseeded: dict[int, dict]) -
     return "\n".join(lines)
 
 
-DEFAULT_SURROGATE = 77_777
-
-
 def surrogate_seed(path: Path) -> int:
     """The surrogate a results file's victims were crafted on (its run header's preset; older files: the default)."""
     for line in path.read_text().splitlines():
         row = json.loads(line)
         if row.get("kind") == "run":
-            return int(row.get("preset", {}).get("surrogate_seed", DEFAULT_SURROGATE))
-    return DEFAULT_SURROGATE
+            return int(row.get("preset", {}).get("surrogate_seed", DEFAULT_SURROGATE_SEED))
+    return DEFAULT_SURROGATE_SEED
 
 
 def mcnemar_less(pairs: list[tuple[bool, bool]]) -> float:
