@@ -35,6 +35,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -133,12 +134,13 @@ def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
 
 
 def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,
-                    on_epoch_end=None) -> dict:
+                    on_epoch_end=None, checkpoint: Path | None = None) -> dict:
     """A victim trained on purified data: ``jpeg`` (every training image JPEG-compressed once, trained
     from scratch, as PureGen re-ran it) or ``friendly_noise`` (after the shared prefix, the
     branched model computes friendly noise once; every later batch gets it plus fresh ±8/255
     Bernoulli noise, Liu et al. 2022). Options: ``jpeg:quality=25``; ``friendly_noise:steps=30:eps=16``
-    (eps in /255). Returns the row's defense fields and the trained ``model``."""
+    (eps in /255). ``checkpoint``: where friendly noise saves its finished batches and resumes from (an
+    hour or more of a killed run is not lost). Returns the row's defense fields and the trained ``model``."""
     from sanitizer.data import ImageTensorDataset
     from sanitizer.purify import bernoulli_noise, friendly_noise, jpeg_compress
 
@@ -156,7 +158,7 @@ def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed:
         eps = float(options.get("eps", 16)) / 255
         steps = int(options.get("steps", 30))
         model, optimizer, scheduler = branch(*prefix, config)
-        noise = friendly_noise(model, data.train.images, eps=eps, steps=steps, seed=seed)
+        noise = friendly_noise(model, data.train.images, eps=eps, steps=steps, seed=seed, checkpoint=checkpoint)
         train = ImageTensorDataset(data.train.images + noise, data.train.labels, None, data.train.num_classes)
         random_eps = float(options.get("random_eps", 8)) / 255
         start, uses_prefix = prefix_end, True
@@ -410,7 +412,10 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             row = retrain_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
             row.update(seconds=row["seconds"] + prefix_seconds, seconds_prefix=prefix_seconds)
         elif name in PURIFIERS:
-            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
+            noise_file = cache_dir / "purified" / f"{preset.name}_{attack}_s{seed}_t{target_index}_a{adv}" \
+                f"{preset.surrogate_tag()}_{re.sub(r'[^A-Za-z0-9.=]+', '-', spec)}.npz"
+            row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer,
+                                  checkpoint=noise_file)
             if row["uses_prefix"]:
                 trace.update({e: v for e, v in prefix_trace.items() if e not in trace})
             shared = prefix_seconds if row.pop("uses_prefix") else 0.0

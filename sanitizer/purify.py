@@ -12,7 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,7 +56,8 @@ def bernoulli_noise(images: torch.Tensor, eps: float, generator: torch.Generator
 
 
 def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float = 16 / 255, steps: int = 30,
-                   lr: float = 100.0, mu: float = 1.0, batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+                   lr: float = 100.0, mu: float = 1.0, batch_size: int = 128, seed: int = 0,
+                   checkpoint: str | Path | None = None, save_every_s: float = 300.0) -> torch.Tensor:
     """Per-example "friendly" noise (Liu, Yu, Mirzasoleiman, NeurIPS 2022): as large as possible within
     ``eps`` while leaving ``model``'s output distribution unchanged.
 
@@ -60,6 +66,11 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
     noise in ±8/255. Returns the noise ``[N, C, H, W]`` (add it to the images once; the paper then adds
     fresh ±8/255 Bernoulli noise to every training batch). Costs ``steps`` forward-backward passes over
     the data, which is why the paper measures about 3× the training time.
+
+    ``checkpoint``: a ``.npz`` file the finished batches are saved to every ``save_every_s`` seconds and
+    resumed from (a killed run of hours loses minutes). It is only reused for the same settings and the same
+    model weights; each batch's start noise is drawn from ``(seed, batch)``, so a resumed run returns
+    the same noise as one that ran through.
     """
     import torch.nn.functional as F
 
@@ -70,16 +81,19 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
     run = ImageLayout(device)  # channels-last CPU batches: ~1.7x faster convolutions, the same noise to rounding
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(int(seed))
-    out = torch.empty(images.shape, dtype=torch.float32)
+    settings = {"eps": eps, "steps": steps, "lr": lr, "mu": mu, "batch_size": batch_size, "seed": int(seed),
+                "shape": list(images.shape), "model": _state_digest(model)}
+    store = NoiseCheckpoint(checkpoint, settings, save_every_s) if checkpoint is not None else None
+    out, done = store.load() if store else (torch.empty(images.shape, dtype=torch.float32), 0)
     saved = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for start in progress(range(0, len(images), batch_size), desc="friendly noise", unit="batch"):
+        for start in progress(range(done, len(images), batch_size), desc="friendly noise", unit="batch"):
             x = images[start:start + batch_size].to(device)
             with torch.no_grad():
                 reference = F.log_softmax(run(model, x), 1)
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + start)
             init = (torch.rand(x.shape, generator=gen) * 2 - 1) * (8 / 255)
             noise = init.to(device).requires_grad_(True)
             opt = torch.optim.SGD([noise], lr=lr, momentum=0.9, nesterov=True)
@@ -94,8 +108,53 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
                 opt.step()
                 sched.step()
             out[start:start + len(x)] = noise.detach().clamp(-eps, eps).cpu()
+            if store:
+                store.maybe_save(out, start + len(x), final=start + len(x) >= len(images))
     finally:
         for p, flag in zip(model.parameters(), saved):
             p.requires_grad_(flag)
         model.train(was_training)
     return out
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (in order, names aside: a wrapper is the same model), so a
+    checkpoint is never reused for other weights."""
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class NoiseCheckpoint:
+    """The finished part of a long noise computation on disk (``.npz``, no pickle), saved atomically.
+
+    Example:
+        >>> store = NoiseCheckpoint("/tmp/noise.npz", {"eps": 0.06, "shape": [2, 3, 4, 4]})
+        >>> noise, done = store.load()   # zeros and 0 when nothing (or another computation) was saved
+    """
+
+    def __init__(self, path: str | Path, settings: dict, save_every_s: float = 300.0):
+        self.path = Path(path)
+        self.settings = json.dumps(settings, sort_keys=True)
+        self.shape = tuple(settings["shape"])
+        self.save_every_s = float(save_every_s)
+        self.last_save = time.monotonic()
+
+    def load(self) -> tuple[torch.Tensor, int]:
+        """(noise, rows done): the saved rows when the file holds this computation, else zeros and 0."""
+        if self.path.exists():
+            with np.load(self.path, allow_pickle=False) as f:
+                if str(f["settings"]) == self.settings and tuple(f["noise"].shape) == self.shape:
+                    return torch.from_numpy(f["noise"].astype(np.float32)), int(f["done"])
+        return torch.zeros(self.shape, dtype=torch.float32), 0
+
+    def maybe_save(self, noise: torch.Tensor, done: int, final: bool = False) -> None:
+        """Save the first ``done`` rows if ``save_every_s`` has passed since the last save (or ``final``)."""
+        if not final and time.monotonic() - self.last_save < self.save_every_s:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.stem + ".partial.npz")
+        np.savez(partial, noise=noise.numpy(), done=np.int64(done), settings=np.str_(self.settings))
+        os.replace(partial, self.path)
+        self.last_save = time.monotonic()

@@ -111,6 +111,38 @@ def test_friendly_noise_in_channels_last_follows_the_ordinary_layout():
     torch.testing.assert_close(fast, reference, rtol=1e-3, atol=1e-4)
 
 
+def test_friendly_noise_resumes_from_its_checkpoint_to_the_same_noise(tmp_path):
+    class DiesAfter(torch.nn.Module):  # the same weights, killed after a number of forward passes
+        def __init__(self, net, calls):
+            super().__init__()
+            self.net, self.calls = net, calls
+
+        def forward(self, x):
+            self.calls -= 1
+            if self.calls < 0:
+                raise KeyboardInterrupt
+            return self.net(x)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x = torch.rand(10, 3, 4, 4)
+    options = {"steps": 3, "lr": 1.0, "batch_size": 3, "seed": 5}
+    through = friendly_noise(net, x, **options)
+    path = tmp_path / "noise.npz"
+    with pytest.raises(KeyboardInterrupt):  # dies in the third batch, after two were saved
+        friendly_noise(DiesAfter(net, 2 * 4 + 2), x, checkpoint=path, save_every_s=0, **options)
+    with np.load(path, allow_pickle=False) as saved:
+        assert int(saved["done"]) == 6
+    counted = DiesAfter(net, 1000)
+    resumed = friendly_noise(counted, x, checkpoint=path, **options)
+    assert 1000 - counted.calls == 2 * 4                 # only the last two batches were computed again
+    torch.testing.assert_close(resumed, through)
+    # other weights (or settings) never reuse the file: their noise is computed afresh
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    fresh = friendly_noise(other, x, **options)
+    torch.testing.assert_close(friendly_noise(other, x, checkpoint=path, **options), fresh)
+
+
 def test_the_policy_table_pools_sets_per_round():
     from benchmarks.detection_study import policy_table
 
