@@ -55,7 +55,7 @@ from sanitizer.options import parse_policy_spec
 from sanitizer.policies import Policy, make_policy
 from sanitizer.policies.simple import RandomPolicy
 from sanitizer.progress import log, progress
-from sanitizer.train import continue_training, make_optimizer, predict_proba
+from sanitizer.train import EpochCheckpoint, continue_training, make_optimizer, predict_proba
 
 ONE_SHOT = ("deep_knn", "spectral", "activation_clustering")
 PURIFIERS = ("jpeg", "friendly_noise")
@@ -134,13 +134,15 @@ def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
 
 
 def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,
-                    on_epoch_end=None, checkpoint: Path | None = None) -> dict:
+                    on_epoch_end=None, checkpoint: Path | None = None,
+                    epochs_checkpoint: EpochCheckpoint | None = None) -> dict:
     """A victim trained on purified data: ``jpeg`` (every training image JPEG-compressed once, trained
     from scratch, as PureGen re-ran it) or ``friendly_noise`` (after the shared prefix, the
     branched model computes friendly noise once; every later batch gets it plus fresh ±8/255
     Bernoulli noise, Liu et al. 2022). Options: ``jpeg:quality=25``; ``friendly_noise:steps=30:eps=16``
     (eps in /255). ``checkpoint``: where friendly noise saves its finished batches and resumes from (an
-    hour or more of a killed run is not lost). Returns the row's defense fields and the trained ``model``."""
+    hour or more of a killed run is not lost); ``epochs_checkpoint``: the training's, after each epoch.
+    Returns the row's defense fields and the trained ``model``."""
     from sanitizer.data import ImageTensorDataset
     from sanitizer.purify import bernoulli_noise, friendly_noise, jpeg_compress
 
@@ -164,12 +166,14 @@ def purified_victim(spec: str, setting: Setting, data: VictimData, config, seed:
         start, uses_prefix = prefix_end, True
         transform = lambda x, gen: bernoulli_noise(x, random_eps, gen)  # noqa: E731
         options = {"eps": eps * 255, "steps": steps, "random_eps": random_eps * 255}
-    purify_seconds = time.perf_counter() - t0
+    saved = epochs_checkpoint.extra if epochs_checkpoint is not None else {}
+    saved.setdefault("purify_seconds", time.perf_counter() - t0)  # a resumed run reads the first run's
     keeper = Sanitizer(model, train, policy="none", warmup=NEVER, seed=seed)
-    continue_training(model, train, config, optimizer, scheduler, keeper, start, config.epochs, desc=spec,
-                      batch_transform=transform, on_epoch_end=on_epoch_end)
+    result = continue_training(model, train, config, optimizer, scheduler, keeper, start, config.epochs, desc=spec,
+                               batch_transform=transform, on_epoch_end=on_epoch_end, checkpoint=epochs_checkpoint)
+    purify_seconds = saved["purify_seconds"]
     return {"defense": spec, "policy_options": options, "schedule": {}, "embedding": None, "model": model,
-            **detection(keeper, data.is_poison), "seconds": time.perf_counter() - t0,
+            **detection(keeper, data.is_poison), "seconds": purify_seconds + result.seconds,
             "seconds_purify": purify_seconds, "uses_prefix": uses_prefix}
 
 
@@ -382,19 +386,27 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
               "threads": torch.get_num_threads(), "device": str(preset.resolved_device()),
               "attack_loss_final": poisons.params.get("loss_final")}
 
+    def checkpoint_of(name: str, trace: dict) -> EpochCheckpoint:
+        """Where a victim's (or the prefix's) epochs are saved, so a killed run resumes at its next epoch."""
+        run = json.dumps({"preset": asdict(preset), "attack": attack_params(attack, preset), "seed": seed,
+                          "target": target_index, "adv": adv}, sort_keys=True, default=str)
+        key = f"{hashlib.sha1(run.encode()).hexdigest()[:12]}_{re.sub(r'[^A-Za-z0-9.=]+', '-', name)}"
+        path = cache_dir / "victims" / f"{preset.name}_{attack}_s{seed}_{key}.pt"
+        return EpochCheckpoint(path, key, {"trace": trace})
+
     # The shared prefix: epochs [0, warmup) with every example kept (same sampler as the defended runs).
     prefix_end = min(preset.warmup, config.epochs)
+    prefix_checkpoint = checkpoint_of("prefix", prefix_trace)
     model = setting.new_victim(seed)
     optimizer, scheduler = make_optimizer(model, config)
     prefix_seconds = 0.0
     from_scratch = ("clean", "clean-screened", "jpeg")  # victims that do not branch from the prefix
     if any(parse_defense(spec)[0] not in from_scratch and not screens(spec) and spec not in done for spec in defenses):
         keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
-        t0 = time.perf_counter()
-        continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
-                          on_batch=record_hooks.get("on_batch"),
-                          on_epoch_end=chain(record_hooks.get("on_epoch_end"), target_tracer(data, adv, prefix_trace)))
-        prefix_seconds = time.perf_counter() - t0
+        prefix_seconds = continue_training(
+            model, data.train, config, optimizer, scheduler, keeper, 0, prefix_end, desc="prefix",
+            on_batch=record_hooks.get("on_batch"), checkpoint=None if record_hooks else prefix_checkpoint,
+            on_epoch_end=chain(record_hooks.get("on_epoch_end"), target_tracer(data, adv, prefix_trace))).seconds
 
     # Victims in the order the defenses are listed (resumed runs skip the finished ones).
     matched: list[int] | None = None
@@ -406,16 +418,20 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             continue
         trace: dict[int, float] = {}
         tracer = target_tracer(data, adv, trace)
+        # signal recordings write every epoch's rows as they go: a victim recording them starts over
+        epochs_checkpoint = None if record_hooks and spec == "none" else checkpoint_of(spec, trace)
         if spec in ("clean", "clean-screened"):
-            row = clean_victim(setting, data, config, seed, tracer, screened=spec == "clean-screened")
+            row = clean_victim(setting, data, config, seed, tracer, screened=spec == "clean-screened",
+                               checkpoint=epochs_checkpoint)
         elif name == "retrain":
-            row = retrain_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer)
+            row = retrain_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer,
+                                 epochs_checkpoint)
             row.update(seconds=row["seconds"] + prefix_seconds, seconds_prefix=prefix_seconds)
         elif name in PURIFIERS:
             noise_file = cache_dir / "purified" / f"{preset.name}_{attack}_s{seed}_t{target_index}_a{adv}" \
                 f"{preset.surrogate_tag()}_{re.sub(r'[^A-Za-z0-9.=]+', '-', spec)}.npz"
             row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer,
-                                  checkpoint=noise_file)
+                                  checkpoint=noise_file, epochs_checkpoint=epochs_checkpoint)
             if row["uses_prefix"]:
                 trace.update({e: v for e, v in prefix_trace.items() if e not in trace})
             shared = prefix_seconds if row.pop("uses_prefix") else 0.0
@@ -435,27 +451,32 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             hooks = [score_diagnostics(data.is_poison, adv)] if diagnostics else None
             sanitizer = Sanitizer(m, data.train, policy=policy, seed=seed, round_hooks=hooks, **sched,
                                   screen_dataset=data.images, **sanitizer_options(spec, preset))
-            t1 = time.perf_counter()
             shared = 0.0 if from_start else prefix_seconds
             if not from_start:
                 trace.update(prefix_trace)
             own = record_hooks if spec == "none" else {}
-            continue_training(m, data.train, config, opt, sch, sanitizer, 0 if from_start else prefix_end,
-                              config.epochs, desc=spec, on_batch=own.get("on_batch"),
-                              on_epoch_end=chain(own.get("on_epoch_end"), tracer))
+            result = continue_training(m, data.train, config, opt, sch, sanitizer, 0 if from_start else prefix_end,
+                                       config.epochs, desc=spec, on_batch=own.get("on_batch"),
+                                       on_epoch_end=chain(own.get("on_epoch_end"), tracer),
+                                       checkpoint=epochs_checkpoint)
             row = {"defense": spec, "policy_options": options, "schedule": sched, "embedding": sanitizer.embedding,
                    "model": m, **detection(sanitizer, data.is_poison),
-                   "seconds": shared + time.perf_counter() - t1, "seconds_prefix": shared}
+                   "seconds": shared + result.seconds, "seconds_prefix": shared}
         outcome = evaluate(row.pop("model"), data, adv)
-        row = {**common, **row, **outcome, "target_adv_prob_by_epoch": [trace[e] for e in sorted(trace)]}
+        resumed = epochs_checkpoint.resumed_at if epochs_checkpoint is not None else None
+        row = {**common, **row, **outcome, "target_adv_prob_by_epoch": [trace[e] for e in sorted(trace)],
+               **({"resumed_at_epoch": resumed} if resumed is not None else {})}
         write(row)
         done[spec] = row
+        if epochs_checkpoint is not None:
+            epochs_checkpoint.remove()  # the row is written: the victim's epochs are no longer needed
         if name == "density" and matched is None:
             matched = matched_counts(row)
+    prefix_checkpoint.remove()
 
 
 def retrain_victim(spec: str, setting: Setting, data: VictimData, config, seed: int, prefix, prefix_end: int,
-                   on_epoch_end=None) -> dict:
+                   on_epoch_end=None, checkpoint: EpochCheckpoint | None = None) -> dict:
     """Detect, then train again from scratch (``retrain:two_sided=true:max_fraction=0.2:warmup=3``): a
     branch of the shared prefix trains up to ``warmup``, where the ``density`` policy (with the
     spec's options) runs one round; a fresh victim then trains from epoch 0 without what it dropped.
@@ -473,26 +494,26 @@ def retrain_victim(spec: str, setting: Setting, data: VictimData, config, seed: 
     continue_training(m, data.train, config, opt, sch, probe, prefix_end, warmup, desc=f"{spec} (detect)")
     probe.start_epoch(warmup)  # the detection round, on the weights after epoch warmup - 1
     detect_seconds = time.perf_counter() - t0
-    victim, _ = train_fresh(setting, data, config, seed, probe.keep, spec, on_epoch_end)
+    victim, _ = train_fresh(setting, data, config, seed, probe.keep, spec, on_epoch_end, checkpoint)
     return {"defense": spec, "policy_options": policy_options, "schedule": {"detect_epoch": warmup},
             "embedding": probe.embedding, "model": victim, **detection(probe, data.is_poison),
             "seconds": time.perf_counter() - t0, "seconds_detect": detect_seconds}
 
 
 def train_fresh(setting: Setting, data: VictimData, config, seed: int, keep: np.ndarray, desc: str,
-                on_epoch_end=None):
+                on_epoch_end=None, checkpoint: EpochCheckpoint | None = None):
     """A new victim trained from epoch 0 on the examples ``keep`` marks; returns it and its keeper."""
     model = setting.new_victim(seed)
     optimizer, scheduler = make_optimizer(model, config)
     keeper = Sanitizer(model, data.train, policy="none", warmup=NEVER, seed=seed)
     keeper.keep[:] = keep
     continue_training(model, data.train, config, optimizer, scheduler, keeper, 0, config.epochs, desc=desc,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, checkpoint=checkpoint)
     return model, keeper
 
 
 def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch_end=None,
-                 screened: bool = False) -> dict:
+                 screened: bool = False, checkpoint: EpochCheckpoint | None = None) -> dict:
     """Reference, not a defense: the same victim trained without the poisons (an oracle filter at
     epoch 0). Its hits are targets the clean model already sends to the adversarial class.
 
@@ -508,7 +529,7 @@ def clean_victim(setting: Setting, data: VictimData, config, seed: int, on_epoch
         screen.run_screen(0)
         keep &= screen.keep
     name = "clean-screened" if screened else "clean"
-    m, oracle = train_fresh(setting, data, config, seed, keep, name, on_epoch_end)
+    m, oracle = train_fresh(setting, data, config, seed, keep, name, on_epoch_end, checkpoint)
     return {"defense": name, "policy_options": {}, "schedule": {}, "embedding": None, "model": m,
             **detection(oracle, data.is_poison), "seconds": time.perf_counter() - t1, "seconds_prefix": 0.0}
 

@@ -6,9 +6,11 @@ same way (SGD + Nesterov, step decays, batched flip/crop augmentation) and can h
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,18 +113,76 @@ def epoch_sampler(train_set, seed: int, sanitizer=None) -> KeepSampler:
     return KeepSampler(lambda: everything, shuffle=True, seed=seed)
 
 
+class EpochCheckpoint:
+    """The state of a :func:`continue_training` run after each epoch (model, optimizer, scheduler, sanitizer and
+    the caller's ``extra`` dict of plain values), so that a killed run resumes at its next epoch and ends
+    where the uninterrupted run would have (every epoch's order and augmentation follow ``(seed, epoch)``).
+
+    Saved with ``torch.save`` atomically and read with ``weights_only=True``; a file saved under another
+    ``key`` (another run) is ignored. The caller deletes it (:meth:`remove`) once the run's result is safe.
+
+    Example:
+        >>> trace = {}
+        >>> ckpt = EpochCheckpoint("runs/victim.pt", key="set0/density", extra=trace)   # doctest: +SKIP
+        >>> continue_training(model, data, cfg, opt, sched, san, 0, cfg.epochs, checkpoint=ckpt)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, key: str, extra: dict | None = None):
+        self.path, self.key = Path(path), str(key)
+        self.extra = extra if extra is not None else {}
+        self.resumed_at: int | None = None  # the epoch a resumed run continued from
+
+    def restore(self, model, optimizer, scheduler, sanitizer) -> tuple[int, float] | None:
+        """Load the saved state into the given objects: ``(next epoch, seconds already spent)``, or None."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("key") != self.key:
+            return None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if sanitizer is not None:
+            sanitizer.load_state_dict(state["sanitizer"])
+        for name, value in state["extra"].items():  # dicts in place: the caller's hooks hold them
+            if isinstance(self.extra.get(name), dict):
+                self.extra[name].update(value)
+            else:
+                self.extra[name] = value
+        self.resumed_at = int(state["epoch"]) + 1
+        return self.resumed_at, float(state["seconds"])
+
+    def save(self, epoch: int, model, optimizer, scheduler, sanitizer, seconds: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"key": self.key, "epoch": int(epoch), "seconds": float(seconds), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sanitizer": sanitizer.state_dict() if sanitizer is not None else None, "extra": dict(self.extra)}
+        partial = self.path.with_name(f"{self.path.stem}.partial{os.getpid()}{self.path.suffix}")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def continue_training(model, train_set, config, optimizer, scheduler, sanitizer, start_epoch, end_epoch,
                       on_epoch_end=None, desc="train", device=None, on_batch=None,
-                      batch_transform=None) -> TrainResult:
+                      batch_transform=None, checkpoint: EpochCheckpoint | None = None) -> TrainResult:
     """Run epochs ``[start_epoch, end_epoch)`` with a given optimizer and scheduler (for branching runs).
 
     ``on_batch(epoch, indices, logits, labels)`` sees every training step's (detached) logits, keyed by
     dataset index: what a defense can harvest from the training pass without an extra pass.
     ``batch_transform(x, generator)`` runs on every (augmented) batch, e.g. fresh random noise.
+    ``checkpoint``: saved after every epoch and resumed from when it holds this run (:class:`EpochCheckpoint`);
+    the result's ``seconds`` then include the time spent before the resume.
     """
     device = device or model_device(model)
     gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult(0.0)
+    prior_seconds = 0.0
+    resumed = checkpoint.restore(model, optimizer, scheduler, sanitizer) if checkpoint is not None else None
+    if resumed is not None:
+        start_epoch, prior_seconds = max(start_epoch, resumed[0]), resumed[1]
     sampler = epoch_sampler(train_set, config.seed, sanitizer)
     run = ImageLayout(device, config.channels_last)
     t_start = time.perf_counter()
@@ -162,7 +222,10 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
         bar.set_postfix(loss=f"{result.final_loss:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
-    result.seconds = time.perf_counter() - t_start
+        if checkpoint is not None:
+            spent = prior_seconds + time.perf_counter() - t_start
+            checkpoint.save(epoch, model, optimizer, scheduler, sanitizer, spent)
+    result.seconds = prior_seconds + time.perf_counter() - t_start
     return result
 
 

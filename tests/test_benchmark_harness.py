@@ -37,6 +37,33 @@ def tiny_run(tmp_path_factory):
     return out, cache
 
 
+def test_a_victim_killed_mid_training_resumes_at_its_next_epoch_and_ends_the_same(tiny_run, tmp_path, monkeypatch):
+    reference = {r["defense"]: r for r in victim_rows(tiny_run[0]) if r["trial"] == 0}
+    out, cache = tmp_path / "killed.jsonl", tiny_run[1]
+    real_tracer = poisoning.target_tracer
+
+    def dies_at_epoch_2(data, adv, trace):
+        hook = real_tracer(data, adv, trace)
+
+        def maybe_die(epoch, model):
+            if epoch == 2:  # the undefended victim's second epoch after the prefix: its first is saved
+                raise KeyboardInterrupt
+            hook(epoch, model)
+        return maybe_die
+
+    monkeypatch.setattr(poisoning, "target_tracer", dies_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        poisoning.run(tiny_preset(), "label_flip", 1, ["none"], out, "", cache)
+    assert victim_rows(out) == [] and len(list((cache / "victims").glob("*.pt"))) == 2  # the prefix and the victim
+    monkeypatch.setattr(poisoning, "target_tracer", real_tracer)
+    poisoning.run(tiny_preset(), "label_flip", 1, ["none"], out, "", cache)
+    (row,) = victim_rows(out)
+    assert row["resumed_at_epoch"] == 2
+    for field in ("clean_accuracy", "target_adv_prob", "target_adv_prob_by_epoch", "dropped"):
+        assert row[field] == reference["none"][field], field
+    assert list((cache / "victims").glob("*.pt")) == []  # removed once the row is written
+
+
 def test_tiny_preset_runs_two_trials_of_four_defenses_and_resumes(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "run.jsonl"
     out.write_text(tiny_run[0].read_text())

@@ -144,6 +144,36 @@ def test_resume_from_state_dict_reproduces_the_uninterrupted_run():
         torch.testing.assert_close(a, b)
 
 
+def test_an_epoch_checkpoint_resumes_its_own_run_and_ignores_another(tmp_path):
+    from sanitizer.train import EpochCheckpoint, continue_training, make_optimizer
+
+    ds, _ = planted_dataset()
+    cfg = TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False, seed=0)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = CompactCNN(1, 2, width=4)
+        return (model, *make_optimizer(model, cfg), Sanitizer(model, ds, warmup=1, every=2, verbose=False))
+
+    model, opt, sched, san = fresh()
+    continue_training(model, ds, cfg, opt, sched, san, 0, 4)
+    path, notes = tmp_path / "run.pt", {"seen": {}}
+    model2, opt2, sched2, san2 = fresh()
+    continue_training(model2, ds, cfg, opt2, sched2, san2, 0, 2, checkpoint=EpochCheckpoint(path, "run", notes),
+                      on_epoch_end=lambda e, m: notes["seen"].update({e: True}))
+    other = EpochCheckpoint(path, "another run")
+    assert other.restore(*fresh()) is None and other.resumed_at is None
+    resumed_notes = {"seen": {}}
+    model3, opt3, sched3, san3 = fresh()
+    checkpoint = EpochCheckpoint(path, "run", resumed_notes)
+    result = continue_training(model3, ds, cfg, opt3, sched3, san3, 0, 4, checkpoint=checkpoint)
+    assert checkpoint.resumed_at == 2 and resumed_notes["seen"] == {0: True, 1: True}  # the saved extra is back
+    assert result.seconds > 0 and len(result.epoch_seconds) == 2                     # only epochs 2 and 3 ran
+    np.testing.assert_array_equal(san.keep, san3.keep)
+    for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_state_dict_refuses_another_dataset():
     ds, _ = planted_dataset()
     san = Sanitizer(CompactCNN(1, 2, width=4), ds)
