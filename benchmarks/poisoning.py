@@ -420,6 +420,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         tracer = target_tracer(data, adv, trace)
         # signal recordings write every epoch's rows as they go: a victim recording them starts over
         epochs_checkpoint = None if record_hooks and spec == "none" else checkpoint_of(spec, trace)
+        noise_file = None
         if spec in ("clean", "clean-screened"):
             row = clean_victim(setting, data, config, seed, tracer, screened=spec == "clean-screened",
                                checkpoint=epochs_checkpoint)
@@ -470,6 +471,8 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         done[spec] = row
         if epochs_checkpoint is not None:
             epochs_checkpoint.remove()  # the row is written: the victim's epochs are no longer needed
+        if noise_file is not None:
+            noise_file.unlink(missing_ok=True)  # nor its friendly noise (600 MB on CIFAR-10)
         if name == "density" and matched is None:
             matched = matched_counts(row)
     prefix_checkpoint.remove()

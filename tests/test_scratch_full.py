@@ -37,6 +37,9 @@ def test_scratch_full_preset_records_signals_and_runs_the_purifiers(tmp_path):
     assert rows["jpeg:quality=25"]["policy_options"] == {"quality": 25}
     assert rows["jpeg:quality=25"]["seconds_prefix"] == 0.0          # trained from scratch on purified data
     assert rows["friendly_noise:steps=2"]["seconds_prefix"] > 0       # branched after the shared prefix
+    assert rows["friendly_noise:steps=2"]["seconds"] > rows["friendly_noise:steps=2"]["seconds_purify"] > 0
+    # once the rows are written, no checkpoint (victims' epochs, friendly noise) is left in the cache
+    assert not list((cache / "victims").glob("*")) and not list((cache / "purified").glob("*"))
     assert rows["density"]["round_epochs"] == [2]                     # the first round after a fifth (warmup 2)
     run_dir = next((cache / "signals").iterdir())
     meta = json.loads((run_dir / "meta.json").read_text())
