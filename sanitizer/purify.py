@@ -75,7 +75,7 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
     import torch.nn.functional as F
 
     from sanitizer.embeddings import ImageLayout, model_device
-    from sanitizer.progress import progress
+    from sanitizer.progress import log, progress
 
     device = model_device(model)
     run = ImageLayout(device)  # channels-last CPU batches: ~1.7x faster convolutions, the same noise to rounding
@@ -85,6 +85,8 @@ def friendly_noise(model: torch.nn.Module, images: torch.Tensor, *, eps: float =
                 "shape": list(images.shape), "model": _state_digest(model)}
     store = NoiseCheckpoint(checkpoint, settings, save_every_s) if checkpoint is not None else None
     out, done = store.load() if store else (torch.empty(images.shape, dtype=torch.float32), 0)
+    if done:
+        log(f"[friendly noise] resumed at image {done} of {len(images)} from {store.path}")
     saved = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

@@ -22,7 +22,7 @@ from sanitizer.augment import flip_crop
 from sanitizer.data.tensors import ImageTensorDataset
 from sanitizer.embeddings import ImageLayout, model_device
 from sanitizer.errors import SanitizerError
-from sanitizer.progress import progress
+from sanitizer.progress import log, progress
 from sanitizer.sampler import KeepSampler
 
 
@@ -183,6 +183,7 @@ def continue_training(model, train_set, config, optimizer, scheduler, sanitizer,
     resumed = checkpoint.restore(model, optimizer, scheduler, sanitizer) if checkpoint is not None else None
     if resumed is not None:
         start_epoch, prior_seconds = max(start_epoch, resumed[0]), resumed[1]
+        log(f"[{desc}] resumed at epoch {start_epoch} from {checkpoint.path}")
     sampler = epoch_sampler(train_set, config.seed, sanitizer)
     run = ImageLayout(device, config.channels_last)
     t_start = time.perf_counter()
