@@ -119,6 +119,11 @@ def screens(spec: str) -> bool:
     return name == "density" and bool(options.get("screen", True))
 
 
+def file_safe(spec: str) -> str:
+    """A defense spec as part of a file name (``friendly_noise:steps=30`` -> ``friendly-noise-steps=30``)."""
+    return re.sub(r"[^A-Za-z0-9.=]+", "-", spec)
+
+
 def schedule_for(spec: str, preset: Preset) -> dict[str, Any]:
     """The defense's round schedule: the preset's, unless the spec overrides it (``density:warmup=3``:
     the victim still branches from the shared prefix at the preset's warmup; its first round comes later)."""
@@ -390,7 +395,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
         """Where a victim's (or the prefix's) epochs are saved, so a killed run resumes at its next epoch."""
         run = json.dumps({"preset": asdict(preset), "attack": attack_params(attack, preset), "seed": seed,
                           "target": target_index, "adv": adv}, sort_keys=True, default=str)
-        key = f"{hashlib.sha1(run.encode()).hexdigest()[:12]}_{re.sub(r'[^A-Za-z0-9.=]+', '-', name)}"
+        key = f"{hashlib.sha1(run.encode()).hexdigest()[:12]}_{file_safe(name)}"
         path = cache_dir / "victims" / f"{preset.name}_{attack}_s{seed}_{key}.pt"
         return EpochCheckpoint(path, key, {"trace": trace})
 
@@ -430,7 +435,7 @@ def run_trial(setting: Setting, attack: str, trial: int, seed: int, defenses: li
             row.update(seconds=row["seconds"] + prefix_seconds, seconds_prefix=prefix_seconds)
         elif name in PURIFIERS:
             noise_file = cache_dir / "purified" / f"{preset.name}_{attack}_s{seed}_t{target_index}_a{adv}" \
-                f"{preset.surrogate_tag()}_{re.sub(r'[^A-Za-z0-9.=]+', '-', spec)}.npz"
+                f"{preset.surrogate_tag()}_{file_safe(spec)}.npz"
             row = purified_victim(spec, setting, data, config, seed, (model, optimizer, scheduler), prefix_end, tracer,
                                   checkpoint=noise_file, epochs_checkpoint=epochs_checkpoint)
             if row["uses_prefix"]:
