@@ -174,6 +174,13 @@ def surrogate_seed(path: Path) -> int:
     return DEFAULT_SURROGATE_SEED
 
 
+def default_surrogate_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(files crafted on the default surrogate, files of other surrogates): the pre-registered per-set table and
+    hypotheses are over the default surrogate's sets; a set's rows from another surrogate are another setup."""
+    ours = [p for p in paths if surrogate_seed(p) == DEFAULT_SURROGATE_SEED]
+    return ours, [p for p in paths if p not in ours]
+
+
 def mcnemar_less(pairs: list[tuple[bool, bool]]) -> float:
     """Exact one-sided McNemar on paired (ours hit, theirs hit): P(ours hit no more often than seen | no difference)."""
     ours_only = sum(a and not b for a, b in pairs)
@@ -215,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.surrogates:
         print(surrogate_table(args.paths))
         return
-    sets = read_victims(args.paths)
+    paths, others = default_surrogate_files(args.paths)
+    if others:
+        print(f"Skipped {len(others)} files of other surrogates (their table: --surrogates): "
+              + ", ".join(p.name for p in others) + "\n")
+    sets = read_victims(paths)
     print("Per set: the target's final P(adv) / clean accuracy\n")
     print(per_set_table(sets))
     results = hypotheses(sets)
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'not tested' if r is None else ('yes' if r else 'no')} | {what} |")
     print("\nSecondary (95 % Wilson intervals)\n")
     print(secondary(sets))
-    reseeded = reseeded_clean(args.paths)
+    reseeded = reseeded_clean(paths)
     if reseeded:
         print("\nNoise control: a second poison-free victim (another victim seed) against the default\n")
         print(noise_control(sets, reseeded))

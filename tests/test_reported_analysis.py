@@ -68,3 +68,18 @@ def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_p
     # ours hit alone never, theirs alone twice: P(0 of 2 | p = 1/2) = 1/4
     assert mcnemar_less([(False, True), (False, True), (True, True), (False, False)]) == 0.25
     assert mcnemar_less([(False, False)]) == 1.0
+
+
+def test_the_main_table_reads_only_the_default_surrogates_files(tmp_path, capsys):
+    from benchmarks.reported_analysis import main
+
+    default, other = tmp_path / "s1_a.jsonl", tmp_path / "s1_ss77778.jsonl"
+    default.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "run", "preset": {}}, _row(1, "none", 0.2), _row(1, "clean", 0.05), _row(1, "density", 0.019)]))
+    other.write_text("\n".join(json.dumps(r) for r in [  # the same set crafted on another surrogate
+        {"kind": "run", "preset": {"surrogate_seed": 77_778}}, _row(1, "none", 0.55, hit=True),
+        _row(1, "density", 0.1)]))
+    main([str(other), str(default)])  # the other surrogate's file first: its rows must not win
+    out = capsys.readouterr().out
+    assert "| 1 | #1 → 2 | 0.2 / 80.00 % | 0.05 / 80.00 % | 0.019 / 80.00 % |" in out
+    assert "Skipped 1 files of other surrogates" in out and "s1_ss77778.jsonl" in out
