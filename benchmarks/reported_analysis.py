@@ -210,6 +210,16 @@ def surrogate_table(paths: list[Path]) -> str:
                      f"{100 * np.mean(gap) if gap else float('nan'):+.2f} points |")
     lines.append(f"\nPrimary: the default's success lower than undefended's over {len(pairs)} paired setups "
                  f"(exact one-sided McNemar): p = {mcnemar_less(pairs):.3g}")
+    lines += ["\nPer setup: the target's final P(adv) (taken: ≥ the other classes'); poison-free controls where they "
+              "ran (exploratory)\n", "| surrogate seed | set | target → class | none | density | clean | "
+              "clean-screened |", "|---|---|---|---|---|---|---|"]
+    for seed, group in sorted(groups.items()):
+        for s, rows in read_victims(group).items():
+            if "none" in rows and "density" in rows:
+                cells = [f"{rows[d]['target_adv_prob']:.2g}{' (taken)' if rows[d]['target_hit'] else ''}"
+                         if d in rows else "–" for d in ("none", "density", "clean", "clean-screened")]
+                lines.append(f"| {seed} | {s} | #{rows['none']['target_index']} → {rows['none']['adversarial_class']}"
+                             f" | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -65,6 +65,7 @@ def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_p
     text = surrogate_table([first, other])
     assert "| 77777 | 2 | 1/2" in text and "| 77778 | 2 | 2/2" in text
     assert "over 4 paired setups" in text
+    assert "| 77778 | 1 | #1 → 2 | 0.7 (taken) | 0.6 (taken) | – | – |" in text  # per setup, no control ran
     # ours hit alone never, theirs alone twice: P(0 of 2 | p = 1/2) = 1/4
     assert mcnemar_less([(False, True), (False, True), (True, True), (False, False)]) == 0.25
     assert mcnemar_less([(False, False)]) == 1.0
