@@ -188,6 +188,17 @@ def mcnemar_less(pairs: list[tuple[bool, bool]]) -> float:
     return float(stats.binom.cdf(ours_only, ours_only + theirs_only, 0.5)) if ours_only + theirs_only else 1.0
 
 
+def taken_note(row: dict) -> str:
+    """' (taken)' for a taken target; a default victim whose screen dropped every poison before training is marked,
+    since its success is then the target's own, not the attack's."""
+    if not row["target_hit"]:
+        return ""
+    screen = row.get("screen") or {}
+    if row["defense"] not in ("clean", "clean-screened") and screen.get("poisons_dropped") == row["budget"]:
+        return " (taken, no poison trained)"
+    return " (taken)"
+
+
 def surrogate_table(paths: list[Path]) -> str:
     """The pre-registered three-surrogate table: per surrogate, the undefended and the default's attack success,
     and the primary test over every paired setup (the default's success lower than undefended's)."""
@@ -210,14 +221,15 @@ def surrogate_table(paths: list[Path]) -> str:
                      f"{100 * np.mean(gap) if gap else float('nan'):+.2f} points |")
     lines.append(f"\nPrimary: the default's success lower than undefended's over {len(pairs)} paired setups "
                  f"(exact one-sided McNemar): p = {mcnemar_less(pairs):.3g}")
-    lines += ["\nPer setup: the target's final P(adv) (taken: ≥ the other classes'); poison-free controls where they "
-              "ran (exploratory)\n", "| surrogate seed | set | target → class | none | density | clean | "
-              "clean-screened |", "|---|---|---|---|---|---|---|"]
+    lines += ["\nPer setup: the target's final P(adv) (taken: ≥ the other classes'; \"no poison trained\": the defense "
+              "dropped every poison before the first epoch); poison-free controls where they ran (exploratory)\n",
+              "| surrogate seed | set | target → class | none | density | clean | clean-screened |",
+              "|---|---|---|---|---|---|---|"]
     for seed, group in sorted(groups.items()):
         for s, rows in read_victims(group).items():
             if "none" in rows and "density" in rows:
-                cells = [f"{rows[d]['target_adv_prob']:.2g}{' (taken)' if rows[d]['target_hit'] else ''}"
-                         if d in rows else "–" for d in ("none", "density", "clean", "clean-screened")]
+                cells = [f"{rows[d]['target_adv_prob']:.2g}{taken_note(rows[d])}" if d in rows else "–"
+                         for d in ("none", "density", "clean", "clean-screened")]
                 lines.append(f"| {seed} | {s} | #{rows['none']['target_index']} → {rows['none']['adversarial_class']}"
                              f" | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def test_transfer_analysis_pairs_setups_by_extractor_and_counts_hits_beyond_the_
 
 
 def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_path):
-    from benchmarks.reported_analysis import mcnemar_less, surrogate_table
+    from benchmarks.reported_analysis import mcnemar_less, surrogate_table, taken_note
 
     first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     first.write_text("\n".join(json.dumps(r) for r in [  # an older file: no surrogate_seed in its preset
@@ -66,6 +66,10 @@ def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_p
     assert "| 77777 | 2 | 1/2" in text and "| 77778 | 2 | 2/2" in text
     assert "over 4 paired setups" in text
     assert "| 77778 | 1 | #1 → 2 | 0.7 (taken) | 0.6 (taken) | – | – |" in text  # per setup, no control ran
+    screened = dict(_row(1, "density", 0.6, hit=True), screen={"poisons_dropped": 500})
+    assert taken_note(screened) == " (taken, no poison trained)"
+    assert taken_note(dict(screened, screen={"poisons_dropped": 499})) == " (taken)"
+    assert taken_note(_row(1, "density", 0.01)) == ""
     # ours hit alone never, theirs alone twice: P(0 of 2 | p = 1/2) = 1/4
     assert mcnemar_less([(False, True), (False, True), (True, True), (False, False)]) == 0.25
     assert mcnemar_less([(False, False)]) == 1.0
