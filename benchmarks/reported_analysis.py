@@ -207,9 +207,10 @@ def surrogate_table(paths: list[Path]) -> str:
         groups[surrogate_seed(path)].append(path)
     lines = ["| surrogate seed | sets | undefended success | default success | poisons the default drops | "
              "accuracy, default − undefended (mean) |", "|---|---|---|---|---|---|"]
+    paired_sets = {seed: {s: rows for s, rows in read_victims(group).items() if "none" in rows and "density" in rows}
+                   for seed, group in sorted(groups.items())}
     pairs = []
-    for seed, group in sorted(groups.items()):
-        sets = {s: rows for s, rows in read_victims(group).items() if "none" in rows and "density" in rows}
+    for seed, sets in paired_sets.items():
         none_hits = [bool(rows["none"]["target_hit"]) for rows in sets.values()]
         ours_hits = [bool(rows["density"]["target_hit"]) for rows in sets.values()]
         pairs += list(zip(ours_hits, none_hits))
@@ -225,13 +226,12 @@ def surrogate_table(paths: list[Path]) -> str:
               "dropped every poison before the first epoch); poison-free controls where they ran (exploratory)\n",
               "| surrogate seed | set | target → class | none | density | clean | clean-screened |",
               "|---|---|---|---|---|---|---|"]
-    for seed, group in sorted(groups.items()):
-        for s, rows in read_victims(group).items():
-            if "none" in rows and "density" in rows:
-                cells = [f"{rows[d]['target_adv_prob']:.2g}{taken_note(rows[d])}" if d in rows else "–"
-                         for d in ("none", "density", "clean", "clean-screened")]
-                lines.append(f"| {seed} | {s} | #{rows['none']['target_index']} → {rows['none']['adversarial_class']}"
-                             f" | " + " | ".join(cells) + " |")
+    for seed, sets in paired_sets.items():
+        for s, rows in sets.items():
+            cells = [f"{rows[d]['target_adv_prob']:.2g}{taken_note(rows[d])}" if d in rows else "–"
+                     for d in ("none", "density", "clean", "clean-screened")]
+            lines.append(f"| {seed} | {s} | #{rows['none']['target_index']} → {rows['none']['adversarial_class']} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
