@@ -75,6 +75,25 @@ def test_the_surrogate_table_groups_files_by_surrogate_and_pools_the_pairs(tmp_p
     assert mcnemar_less([(False, False)]) == 1.0
 
 
+def test_the_surrogate_table_counts_screened_default_victims_once_per_training_run(tmp_path):
+    from benchmarks.reported_analysis import surrogate_table
+
+    def screened(trial, p, accuracy):
+        return dict(_row(trial, "density", p), clean_accuracy=accuracy, screen={"poisons_dropped": 500})
+
+    files = []
+    set1 = {77_777: screened(1, 0.6, 0.8), 77_778: screened(1, 0.6, 0.8), 77_779: _row(1, "density", 0.6)}
+    for seed in set1:
+        path = tmp_path / f"{seed}.jsonl"  # set 0 screened identically on every surrogate; set 1 on two of three
+        path.write_text("\n".join(json.dumps(r) for r in [
+            {"kind": "run", "preset": {"surrogate_seed": seed}}, _row(0, "none", 0.9), screened(0, 1e-3, 0.81),
+            _row(1, "none", 0.2), set1[seed]]))
+        files.append(path)
+    assert "on 5 of 6 setups; those victims are 2 distinct training runs" in surrogate_table(files)
+    files[1].write_text(files[1].read_text().replace('"clean_accuracy": 0.81', '"clean_accuracy": 0.82'))
+    assert "on 5 of 6 setups; those victims are 3 distinct training runs" in surrogate_table(files)
+
+
 def test_the_main_table_reads_only_the_default_surrogates_files(tmp_path, capsys):
     from benchmarks.reported_analysis import main
 
