@@ -11,7 +11,7 @@ primary comparison for the reported seeds"), computed from the victims' JSONL ro
   counts as p = 1 in the correction.
 
 Secondary, with 95 % Wilson intervals: attack success (the target classified as the adversarial class),
-poison recall, clean examples dropped, time against ``none``.
+poison recall, clean examples dropped, clean accuracy and time against ``none`` on the same set.
 
     python -m benchmarks.reported_analysis benchmarks/results/scratch_full_gm16_reported_s*.jsonl
     python -m benchmarks.reported_analysis --surrogates benchmarks/results/scratch_full_gm16_reported_s*.jsonl
@@ -118,14 +118,18 @@ def secondary(sets: dict[int, dict[str, dict]]) -> str:
     for rows in sets.values():
         for d, row in rows.items():
             by_defense[d].append(row)
-    lines = ["| defense | sets | attack success | poisons dropped | clean dropped (mean) | time / none (mean) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| defense | sets | attack success | poisons dropped | clean dropped (mean) | accuracy − none (mean) | "
+             "time / none (mean) |", "|---|---|---|---|---|---|---|"]
     for d, rows in sorted(by_defense.items()):
         hits = sum(bool(r["target_hit"]) for r in rows)
         poisons = sum(r.get("poisons_dropped", 0) for r in rows), sum(r["budget"] for r in rows)
-        ratios = [r["seconds"] / sets[r["trial"]]["none"]["seconds"] for r in rows if "none" in sets[r["trial"]]]
+        undefended = [sets[r["trial"]]["none"] for r in rows if "none" in sets[r["trial"]]]
+        with_none = [r for r in rows if "none" in sets[r["trial"]]]
+        ratios = [r["seconds"] / u["seconds"] for r, u in zip(with_none, undefended)]
+        accuracy = [100 * (r["clean_accuracy"] - u["clean_accuracy"]) for r, u in zip(with_none, undefended)]
         lines.append(f"| {d} | {len(rows)} | {format_rate(hits, len(rows))} | {format_rate(*poisons)} | "
-                     f"{np.mean([r['clean_dropped'] for r in rows]):.0f} | {np.mean(ratios):.2f} |")
+                     f"{np.mean([r['clean_dropped'] for r in rows]):.0f} | {np.mean(accuracy):+.2f} points | "
+                     f"{np.mean(ratios):.2f} |")
     return "\n".join(lines)
 
 

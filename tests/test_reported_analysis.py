@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.reported_analysis import noise_control, read_victims, reseeded_clean
+from benchmarks.reported_analysis import noise_control, read_victims, reseeded_clean, secondary
 
 
 def _row(trial, defense, p, seed_offset=0, hit=False):
@@ -107,3 +107,14 @@ def test_the_main_table_reads_only_the_default_surrogates_files(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| 1 | #1 → 2 | 0.2 / 80.00 % | 0.05 / 80.00 % | 0.019 / 80.00 % |" in out
     assert "Skipped 1 files of other surrogates" in out and "s1_ss77778.jsonl" in out
+
+
+def test_the_secondary_table_compares_accuracy_and_time_with_the_same_sets_undefended_victim():
+    sets = {0: {"none": _row(0, "none", 0.9, hit=True), "jpeg": {**_row(0, "jpeg", 0.1), "clean_accuracy": 0.75,
+                                                                  "seconds": 2.0}},
+            1: {"none": {**_row(1, "none", 0.1), "clean_accuracy": 0.9}, "jpeg": _row(1, "jpeg", 0.1, hit=True)},
+            2: {"jpeg": _row(2, "jpeg", 0.1)}}  # no undefended victim: counted in success, not in the paired means
+    text = secondary(sets)
+    assert "| jpeg | 3 | 1/3 = 33% [6–79%] |" in text
+    assert "| -7.50 points | 1.50 |" in text  # (75 - 80 and 80 - 90) / 2; (2 / 1 and 1 / 1) / 2
+    assert "| none | 2 | 1/2" in text and "| +0.00 points | 1.00 |" in text
