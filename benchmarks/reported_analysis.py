@@ -123,10 +123,9 @@ def secondary(sets: dict[int, dict[str, dict]]) -> str:
     for d, rows in sorted(by_defense.items()):
         hits = sum(bool(r["target_hit"]) for r in rows)
         poisons = sum(r.get("poisons_dropped", 0) for r in rows), sum(r["budget"] for r in rows)
-        undefended = [sets[r["trial"]]["none"] for r in rows if "none" in sets[r["trial"]]]
-        with_none = [r for r in rows if "none" in sets[r["trial"]]]
-        ratios = [r["seconds"] / u["seconds"] for r, u in zip(with_none, undefended)]
-        accuracy = [100 * (r["clean_accuracy"] - u["clean_accuracy"]) for r, u in zip(with_none, undefended)]
+        with_none = [(r, sets[r["trial"]]["none"]) for r in rows if "none" in sets[r["trial"]]]
+        ratios = [r["seconds"] / u["seconds"] for r, u in with_none]
+        accuracy = [100 * (r["clean_accuracy"] - u["clean_accuracy"]) for r, u in with_none]
         lines.append(f"| {d} | {len(rows)} | {format_rate(hits, len(rows))} | {format_rate(*poisons)} | "
                      f"{np.mean([r['clean_dropped'] for r in rows]):.0f} | {np.mean(accuracy):+.2f} points | "
                      f"{np.mean(ratios):.2f} |")
